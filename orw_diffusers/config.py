@@ -1,0 +1,367 @@
+"""Typed run configuration: YAML file + ``--key value`` overrides, validated before any model loads.
+
+Keys follow diffusers' training scripts where one exists (``pretrained_model_name_or_path``,
+``learning_rate``, ...); the method's keys keep the paper's names (``w2_coefficient``, ``temperature``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value. Its message is one line naming the key, the value and what is accepted."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = _help(
+        "Hub id or local directory of a diffusers flow-matching pipeline (StableDiffusion3Pipeline).",
+        "stabilityai/stable-diffusion-3.5-medium",
+    )
+    revision: Optional[str] = _help("Hub revision (branch, tag or commit) of the model.", None)
+    variant: Optional[str] = _help("Weight file variant to load, e.g. 'fp16'.", None)
+    load_t5: bool = _help("Load the T5 text encoder (SD3). False saves ~9 GB; T5 context is then zeros.", True)
+    max_sequence_length: int = _help("T5 token length of the prompt context (diffusers' default 256).", 256)
+    # --- output, logging ---------------------------------------------------------------------
+    output_dir: str = _help("Where weights, config.yaml, metrics.jsonl and samples go.", "orw-cfm-w2-output")
+    seed: int = _help("Seed of every random draw (sampling noise, training noise, sigmas, prompt order).", 0)
+    log_sample_rewards: bool = _help(
+        "Append every sample's prompt, reward and weight (global order) to output_dir/rewards.jsonl each round.", False
+    )
+    report_to: str = _help("Accelerate tracker: 'tensorboard', 'wandb', 'all' or 'none'.", "none")
+    # --- precision, memory -------------------------------------------------------------------
+    mixed_precision: str = _help("'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32.", "no")
+    gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
+    # --- LoRA --------------------------------------------------------------------------------
+    rank: int = _help("LoRA rank.", 32)
+    lora_alpha: Optional[float] = _help("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
+    lora_target_modules: Optional[list[str]] = _help(
+        "Module names to adapt. Default: the family's attention projections.", None
+    )
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", 1e-4)
+    lr_warmup_steps: int = _help("Linear warmup in optimizer steps, then constant.", 0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables clipping).", 1.0)
+    adam_beta1: float = _help("AdamW beta1.", 0.9)
+    adam_beta2: float = _help("AdamW beta2.", 0.999)
+    adam_weight_decay: float = _help("AdamW weight decay.", 1e-4)
+    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
+    gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
+    # --- the method (ORW-CFM-W2) -------------------------------------------------------------
+    w2_coefficient: float = _help("alpha: weight of the W2 term mean((v_ft - v_ref)^2). 0 = unregularised.", 1.0)
+    temperature: float = _help("tau: reward weights are exp(temperature * reward), normalised.", 0.5)
+    weight_normalization: str = _help(
+        "'batch' (mean 1 over the global batch), 'per_prompt' (mean 1 per prompt group), "
+        "'none' (raw exp(temperature * r)), 'uniform' (all 1: reward-free control).",
+        "batch",
+    )
+    sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
+    num_sampling_steps: int = _help("Euler steps when sampling a round's images.", 20)
+    guidance_scale: float = _help("Classifier-free guidance scale when sampling (1 disables CFG).", 4.5)
+    negative_prompt: str = _help("Negative prompt of classifier-free guidance.", "")
+    log_w2_distance: bool = _help(
+        "Run the reference pass even when w2_coefficient is 0, so w2_loss (the W2 bound) is measured.", False
+    )
+    num_inner_epochs: int = _help("Passes over each round's samples.", 1)
+    sigma_sampling: str = _help("Training sigma distribution: 'uniform' (the paper) or 'logit_normal'.", "uniform")
+    logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
+    logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
+    # --- prompts -----------------------------------------------------------------------------
+    prompts: Optional[list[str]] = _help("Training prompts, inline.", None)
+    prompt_file: Optional[str] = _help("Prompts file: .txt (one per line), .jsonl or .csv (column 'prompt').", None)
+    prompt_dataset: Optional[str] = _help("A `datasets` dataset (hub id or local dir/file) holding prompts.", None)
+    prompt_column: str = _help("Column holding the prompt in prompt_file (.jsonl/.csv) or prompt_dataset.", "prompt")
+    prompt_split: str = _help("Split of prompt_dataset.", "train")
+    # --- sizes -------------------------------------------------------------------------------
+    resolution: int = _help("Image side in pixels.", 512)
+    num_epochs: int = _help("Online rounds: sample -> reward -> weights -> optimise -> refresh.", 100)
+    prompts_per_round: Optional[int] = _help("Prompts drawn per round (global). Default: all prompts.", None)
+    images_per_prompt: int = _help("Images sampled per prompt per round.", 4)
+    sample_batch_size: int = _help("Images generated per forward pass, per process.", 4)
+    train_batch_size: int = _help("Samples per training micro-batch, per process.", 2)
+    # --- reward ------------------------------------------------------------------------------
+    reward: Any = _help(
+        "A reward name, {name: weight, ...}, or a list of {name, weight, kwargs}. "
+        "Names: the registry's or 'module:function' / 'file.py:function'.",
+        "clip_score",
+    )
+    reward_device: Optional[str] = _help("Device of the reward models. Default: the training device.", None)
+    reward_dtype: str = _help("dtype of the reward models: 'float32', 'float16' or 'bfloat16'.", "float32")
+    reward_batch_size: int = _help("Images scored per reward-model forward pass.", 32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+WEIGHT_NORMALIZATIONS = ("batch", "per_prompt", "none", "uniform")
+SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every derived size, computed in one place and logged at start-up."""
+
+    num_processes: int
+    prompts_per_round: int
+    samples_per_round: int  # global
+    samples_per_process: int
+    sample_batches_per_process: int
+    micro_batches_per_process: int  # per inner epoch
+    optimizer_steps_per_round: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check/convert one value to the annotated type; YAML already typed most of them."""
+    if _is_optional(tp):
+        if value is None:
+            return None
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(name, v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a flat dict; unknown keys are an error that lists the known ones' nearest match."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}; see the configuration reference in README.md")
+        kwargs[key] = _coerce(key, value, hints[key])
+    return TrainConfig(**kwargs)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path!r} must hold a mapping of keys to values")
+    return values
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` pairs; values are parsed as YAML (so lists and dicts work)."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides are written --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key}: missing value")
+            raw = argv[i + 1]
+            i += 2
+        try:
+            values[key.replace("-", "_")] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key.replace("-", "_")] = raw
+    return values
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """``--config run.yaml [--key value ...]``: the YAML first, then the overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(add_help=True, description="ORW-CFM-W2 LoRA fine-tuning.")
+    parser.add_argument("--config", default=None, help="YAML run config; any key can be overridden with --key value")
+    args, rest = parser.parse_known_args(argv)
+    values = load_yaml(args.config) if args.config else {}
+    values.update(parse_overrides(rest))
+    return from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{name}: {value!r} must be a positive integer")
+
+
+def check_model_path(path: str, key: str = "pretrained_model_name_or_path") -> None:
+    """A local path must exist; anything else must look like a hub id ('org/name')."""
+    if os.path.isdir(path):
+        return
+    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(f"{key}: {path!r} is not an existing local directory nor a hub id like 'org/model'")
+
+
+def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
+    """Check every value and cross-field rule; return the derived sizes. Loads no model."""
+    from .prompts import load_prompts
+    from .rewards import parse_reward_spec
+
+    _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    _check_choice("weight_normalization", cfg.weight_normalization, WEIGHT_NORMALIZATIONS)
+    _check_choice("sigma_sampling", cfg.sigma_sampling, SIGMA_SAMPLINGS)
+    _check_choice("report_to", cfg.report_to, REPORT_TO)
+    if not math.isfinite(cfg.w2_coefficient) or cfg.w2_coefficient < 0:
+        raise ConfigError(f"w2_coefficient: {cfg.w2_coefficient!r} must be >= 0 (0 disables the W2 term)")
+    if cfg.weight_normalization != "uniform" and (not math.isfinite(cfg.temperature) or cfg.temperature <= 0):
+        raise ConfigError(
+            f"temperature: {cfg.temperature!r} must be > 0 with exponential weights "
+            f"(weight_normalization={cfg.weight_normalization}); use weight_normalization: uniform for none"
+        )
+    if not cfg.learning_rate > 0:
+        raise ConfigError(f"learning_rate: {cfg.learning_rate!r} must be > 0")
+    if cfg.max_grad_norm < 0:
+        raise ConfigError(f"max_grad_norm: {cfg.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+    if cfg.lr_warmup_steps < 0:
+        raise ConfigError(f"lr_warmup_steps: {cfg.lr_warmup_steps!r} must be >= 0")
+    if cfg.guidance_scale < 1:
+        raise ConfigError(f"guidance_scale: {cfg.guidance_scale!r} must be >= 1 (1 disables guidance)")
+    _check_positive(
+        cfg,
+        "rank",
+        "num_epochs",
+        "images_per_prompt",
+        "sample_batch_size",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "sampler_update_interval",
+        "num_sampling_steps",
+        "num_inner_epochs",
+        "resolution",
+        "max_sequence_length",
+    )
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
+    if cfg.logit_std <= 0:
+        raise ConfigError(f"logit_std: {cfg.logit_std!r} must be > 0")
+    check_model_path(cfg.pretrained_model_name_or_path)
+    parse_reward_spec(cfg.reward)  # names and weights; the models load later
+    prompts = load_prompts(cfg)
+    if cfg.prompts_per_round is not None and cfg.prompts_per_round <= 0:
+        raise ConfigError(f"prompts_per_round: {cfg.prompts_per_round!r} must be a positive integer")
+    return derive_sizes(cfg, num_prompts=len(prompts), num_processes=num_processes)
+
+
+def derive_sizes(cfg: TrainConfig, num_prompts: int, num_processes: int) -> Sizes:
+    prompts_per_round = cfg.prompts_per_round or num_prompts
+    total = prompts_per_round * cfg.images_per_prompt
+    if total % num_processes:
+        raise ConfigError(
+            f"prompts_per_round * images_per_prompt = {total} must be divisible by the {num_processes} processes"
+        )
+    per_process = total // num_processes
+    if per_process % cfg.sample_batch_size:
+        raise ConfigError(
+            f"sample_batch_size: {cfg.sample_batch_size} must divide the {per_process} samples per process per round "
+            f"(prompts_per_round * images_per_prompt / processes)"
+        )
+    if per_process % cfg.train_batch_size:
+        raise ConfigError(
+            f"train_batch_size: {cfg.train_batch_size} must divide the {per_process} samples per process per round"
+        )
+    micro = per_process // cfg.train_batch_size
+    if micro % cfg.gradient_accumulation_steps:
+        raise ConfigError(
+            f"gradient_accumulation_steps: {cfg.gradient_accumulation_steps} must divide the {micro} "
+            f"training micro-batches per process per round"
+        )
+    return Sizes(
+        num_processes=num_processes,
+        prompts_per_round=prompts_per_round,
+        samples_per_round=total,
+        samples_per_process=per_process,
+        sample_batches_per_process=per_process // cfg.sample_batch_size,
+        micro_batches_per_process=micro,
+        optimizer_steps_per_round=cfg.num_inner_epochs * micro // cfg.gradient_accumulation_steps,
+    )
+
+
+def save_yaml(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,147 @@
+"""Config loading, overrides, prompts, and the one-line exit-2 errors for bad values."""
+
+import importlib.util
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import TRAIN_SCRIPT, python, tiny_run_config
+from orw_diffusers.config import ConfigError, TrainConfig, derive_sizes, parse_args, validate
+from orw_diffusers.prompts import load_prompts
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_orw_cfm_w2", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(tmp_path, values, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+@pytest.fixture
+def good(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    return tiny_run_config(str(model), str(tmp_path / "out"))
+
+
+BAD_CASES = [
+    ("w2_coefficient", {"w2_coefficient": -0.5}, "-0.5"),
+    ("temperature", {"temperature": 0}, "0"),
+    ("temperature", {"temperature": -1.0, "weight_normalization": "none"}, "-1.0"),
+    ("sample_batch_size", {"sample_batch_size": 3}, "3"),
+    ("train_batch_size", {"train_batch_size": 5}, "5"),
+    ("gradient_accumulation_steps", {"train_batch_size": 2, "gradient_accumulation_steps": 3}, "3"),
+    ("unknown key 'learnin_rate'", {"learnin_rate": 1e-4}, "learning_rate"),
+    ("reward", {"reward": "no_such_reward"}, "no_such_reward"),
+    ("reward", {"reward": {"jpeg_compressibility": "heavy"}}, "heavy"),
+    ("prompt_file", {"prompts": None, "prompt_file": "/no/such/prompts.txt"}, "/no/such/prompts.txt"),
+    ("pretrained_model_name_or_path", {"pretrained_model_name_or_path": "/no/such/model"}, "/no/such/model"),
+    ("pretrained_model_name_or_path", {"pretrained_model_name_or_path": "not a hub id"}, "not a hub id"),
+    ("weight_normalization", {"weight_normalization": "softmax"}, "softmax"),
+    ("sigma_sampling", {"sigma_sampling": "cosmap"}, "cosmap"),
+    ("mixed_precision", {"mixed_precision": "fp8"}, "fp8"),
+    ("rank", {"rank": 0}, "0"),
+    ("learning_rate", {"learning_rate": "fast"}, "fast"),
+    ("prompts", {"prompts": None}, "none"),
+]
+
+
+@pytest.mark.parametrize("key,change,value", BAD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CASES)])
+def test_bad_values_exit_2_with_one_line_naming_key_and_value(tmp_path, good, capsys, key, change, value):
+    good.update(change)
+    rc = _load_script().main(["--config", _write(tmp_path, good)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert key in err and value in err, err
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path, good):
+    """The real process: exit status 2, one line on stderr, no traceback, no model loaded."""
+    good["w2_coefficient"] = -1
+    proc = subprocess.run(
+        [python(), TRAIN_SCRIPT, "--config", _write(tmp_path, good)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: w2_coefficient: -1")
+    proc = subprocess.run([python(), TRAIN_SCRIPT, "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_overrides_win_over_yaml_and_are_typed(tmp_path, good):
+    cfg = parse_args(
+        [
+            "--config", _write(tmp_path, good),
+            "--learning_rate", "3e-4",
+            "--num_epochs=7",
+            "--gradient_checkpointing", "true",
+            "--lora_target_modules", "[attn.to_q, attn.to_k]",
+            "--reward", "{jpeg_compressibility: 1.0, jpeg_incompressibility: 0.5}",
+        ]
+    )  # fmt: skip
+    assert cfg.learning_rate == pytest.approx(3e-4) and isinstance(cfg.learning_rate, float)
+    assert cfg.num_epochs == 7 and cfg.gradient_checkpointing is True
+    assert cfg.lora_target_modules == ["attn.to_q", "attn.to_k"]
+    assert cfg.reward == {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.5}
+    assert cfg.rank == good["rank"]
+
+
+def test_bad_override_type_is_a_config_error(tmp_path, good):
+    with pytest.raises(ConfigError, match="num_epochs: expected an integer, got 'many'"):
+        parse_args(["--config", _write(tmp_path, good), "--num_epochs", "many"])
+    with pytest.raises(ConfigError, match="missing value"):
+        parse_args(["--config", _write(tmp_path, good), "--num_epochs"])
+
+
+def test_derived_sizes():
+    cfg = TrainConfig(prompts_per_round=4, images_per_prompt=4, sample_batch_size=4, train_batch_size=2,
+                      gradient_accumulation_steps=2, num_inner_epochs=3)  # fmt: skip
+    sizes = derive_sizes(cfg, num_prompts=10, num_processes=2)
+    assert sizes.samples_per_round == 16 and sizes.samples_per_process == 8
+    assert sizes.sample_batches_per_process == 2 and sizes.micro_batches_per_process == 4
+    assert sizes.optimizer_steps_per_round == 6
+    with pytest.raises(ConfigError, match="3 processes"):
+        derive_sizes(cfg, num_prompts=10, num_processes=3)
+
+
+def test_hub_ids_pass_validation_without_network(good):
+    good["pretrained_model_name_or_path"] = "stabilityai/stable-diffusion-3.5-medium"
+    validate(TrainConfig(**good))
+
+
+def test_prompt_sources(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red cat\n\n a blue dog \n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"caption": p}) for p in ["one", "two", "three"]))
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,prompt\n1,first\n2,\"second, with comma\"\n")
+    assert load_prompts(TrainConfig(prompt_file=str(txt))) == ["a red cat", "a blue dog"]
+    assert load_prompts(TrainConfig(prompt_file=str(jsonl), prompt_column="caption")) == ["one", "two", "three"]
+    assert load_prompts(TrainConfig(prompt_file=str(csv))) == ["first", "second, with comma"]
+    with pytest.raises(ConfigError, match="prompt_column: 'text'"):
+        load_prompts(TrainConfig(prompt_file=str(csv), prompt_column="text"))
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_prompts(TrainConfig(prompts=["x"], prompt_file=str(txt)))
+
+
+def test_prompt_dataset_from_local_files_offline(tmp_path):
+    import datasets
+
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": p}) for p in ["alpha", "beta"]))
+    assert load_prompts(TrainConfig(prompt_dataset=str(jsonl), prompt_column="text")) == ["alpha", "beta"]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"prompt": ["x", "y", "z"]}).save_to_disk(str(saved))
+    assert load_prompts(TrainConfig(prompt_dataset=str(saved))) == ["x", "y", "z"]
+    assert os.path.isdir(saved)
