@@ -1,0 +1,127 @@
+"""The two LoRA adapters on the one transformer, and the adapter-disabled reference.
+
+- ``default``: the adapter being trained (its parameters are the optimizer's).
+- ``sampler``: the adapter that generates each round's samples; a copy of ``default``, refreshed
+  every ``sampler_update_interval`` rounds.
+- reference: the same transformer with every adapter disabled. There is never a second copy of
+  the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+TRAINED = "default"
+SAMPLER = "sampler"
+
+
+def add_adapters(
+    transformer: torch.nn.Module,
+    rank: int,
+    lora_alpha: Optional[float],
+    target_modules: list[str],
+) -> list[torch.nn.Parameter]:
+    """Attach ``default`` (trainable) and ``sampler`` (a copy) and return the trainable parameters.
+
+    The base weights stay frozen in their dtype; the LoRA parameters of both adapters are fp32,
+    as diffusers' ``cast_training_params`` does for the trainable ones.
+    """
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    for name in (TRAINED, SAMPLER):
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=lora_alpha if lora_alpha is not None else rank,
+            init_lora_weights="gaussian",  # B = 0: a fresh adapter leaves the model unchanged
+            target_modules=target_modules,
+        )
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(config, adapter_name=name)
+    for param in lora_parameters(transformer, None):
+        param.data = param.data.float()
+    copy_adapter(transformer, TRAINED, SAMPLER)
+    transformer.set_adapter(TRAINED)  # peft makes only the active adapter trainable
+    return lora_parameters(transformer, TRAINED)
+
+
+def lora_parameters(transformer: torch.nn.Module, adapter: Optional[str]) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of ``adapter`` (or of every adapter when None), in module order."""
+    return [p for n, p in transformer.named_parameters() if _adapter_of(n) is not None and adapter in (None, _adapter_of(n))]
+
+
+def _adapter_of(param_name: str) -> Optional[str]:
+    # peft names them ``...lora_A.<adapter>.weight`` / ``...lora_B.<adapter>.weight``
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            return parts[i + 1]
+    return None
+
+
+@torch.no_grad()
+def copy_adapter(transformer: torch.nn.Module, source: str = TRAINED, target: str = SAMPLER) -> None:
+    """Copy the weights of adapter ``source`` into adapter ``target`` (same modules, same rank)."""
+    params = dict(transformer.named_parameters())
+    marker_src, marker_dst = f".{source}.", f".{target}."
+    copied = 0
+    for name, param in params.items():
+        if _adapter_of(name) == target:
+            param.copy_(params[name.replace(marker_dst, marker_src)])
+            copied += 1
+    if copied == 0:
+        raise RuntimeError(f"adapter {target!r} has no LoRA parameters to copy into")
+
+
+@contextlib.contextmanager
+def reference(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model: every adapter disabled, no grad. Re-enables the adapters on exit.
+
+    Disabling flips ``requires_grad`` off on the LoRA parameters and enabling turns it back on for
+    the active adapter, so the policy pass after this block is trainable again.
+    """
+    transformer.disable_adapters()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        transformer.enable_adapters()
+
+
+@contextlib.contextmanager
+def sampler_adapter(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run the ``sampler`` adapter (no grad); the trained adapter is active again on exit."""
+    transformer.set_adapter(SAMPLER)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        transformer.set_adapter(TRAINED)
+
+
+def adapter_state_dict(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's adapter-free key names, as ``save_lora_weights`` expects."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=adapter)
+
+
+def adapter_metadata(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict:
+    """The adapter's LoRA config (rank, alpha, targets), saved beside the weights so loaders get the scale right."""
+    return transformer.peft_config[adapter].to_dict()
+
+
+@torch.no_grad()
+def load_adapter_state_dict(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter: str) -> None:
+    """Load weights saved by ``adapter_state_dict`` into ``adapter`` (for resuming)."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"unexpected LoRA keys for adapter {adapter!r}: {unexpected[:3]}")

@@ -1,0 +1,107 @@
+"""The Stable Diffusion 3 family: SD3-Medium, SD3.5-Medium, SD3.5-Large (``StableDiffusion3Pipeline``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Conditioning, FlowFamily, LoadOptions
+
+
+class SD3Family(FlowFamily):
+    pipeline_class_names = ("StableDiffusion3Pipeline",)
+    # The attention projections of the joint blocks, as diffusers' SD3 DreamBooth LoRA script adapts them.
+    lora_target_modules = [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    ]
+
+    @classmethod
+    def load(cls, options: LoadOptions, weight_dtype: torch.dtype, model_index: dict) -> "SD3Family":
+        from diffusers import StableDiffusion3Pipeline
+
+        kwargs = {}
+        # A pipeline saved without T5 has null entries and only reloads with them passed as None.
+        has_t5 = (model_index.get("text_encoder_3") or [None])[0] is not None
+        if not (options.load_t5 and has_t5):
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            options.pretrained_model_name_or_path,
+            revision=options.revision,
+            variant=options.variant,
+            dtype=weight_dtype,
+            **kwargs,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, options)
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        p = self.pipeline
+        return [te for te in (p.text_encoder, p.text_encoder_2, p.text_encoder_3) if te is not None]
+
+    def release_text_encoders(self) -> None:
+        p = self.pipeline
+        p.text_encoder = p.text_encoder_2 = p.text_encoder_3 = None
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """-> prompt_embeds [B, 77 + max_sequence_length, joint_dim], pooled [B, pooled_dim]."""
+        encoders = self.text_encoders()
+        if not encoders:
+            raise RuntimeError("the text encoders were released; every prompt must be encoded before that")
+        for te in encoders:
+            te.to(device)
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.options.max_sequence_length,
+        )
+        self.text_encoder_calls += len(prompts)
+        return Conditioning({"prompt_embeds": prompt_embeds, "pooled": pooled})
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        size = resolution // self.pipeline.vae_scale_factor
+        return (self.transformer.config.in_channels, size, size)
+
+    def sampling_sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline.__call__ does
+            patch = self.transformer.config.patch_size
+            seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+            c = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5), c.get("max_shift", 1.16),
+            )  # fmt: skip
+        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        return scheduler.sigmas.float()
+
+    def predict_velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        # SD3 takes timestep = sigma * num_train_timesteps (1000), like the pipeline's scheduler.timesteps.
+        timestep = sigmas.to(latents.device, torch.float32) * 1000.0
+        return model(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=cond.tensors["prompt_embeds"],
+            pooled_projections=cond.tensors["pooled"],
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,77 @@
+"""End-to-end training: the reward rises, the outputs are written, and 2 processes equal 1."""
+
+import importlib.util
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
+from orw_diffusers.config import TrainConfig
+from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
+
+def test_script_writes_weights_config_and_metrics(tiny_sd3_path, tmp_path):
+    out = tmp_path / "out"
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_run_config(tiny_sd3_path, str(out), num_epochs=2, log_sample_rewards=True)))
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", str(run), "--seed", "3"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    required = {"epoch", "reward_mean", "reward_std", "reward_min", "reward_max", "fm_loss", "w2_loss", "ess",
+                "lr", "grad_norm", "samples_seen", "seconds"}  # fmt: skip
+    assert required <= set(rows[0])
+    assert rows[1]["samples_seen"] == 16
+    assert all(0 < r["ess"] <= 8 for r in rows)
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+    weights = load_file(str(out / LORA_WEIGHTS_NAME))
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    per_sample = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert len(per_sample) == 2 and len(per_sample[0]["weights"]) == 8
+    assert sum(per_sample[0]["weights"]) == pytest.approx(8.0, rel=1e-5)
+
+
+def _run(cmd, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process_with_double_batch(tiny_sd3_path, tmp_path):
+    """accelerate launch with 2 real CPU processes (gloo), batch b each == 1 process with batch 2b."""
+    common = dict(num_epochs=2, images_per_prompt=4, log_sample_rewards=True, learning_rate=1e-2,
+                  weight_normalization="per_prompt", temperature=0.5)  # fmt: skip
+    run = tmp_path / "run.yaml"
+    one, two = tmp_path / "one", tmp_path / "two"
+    run.write_text(yaml.safe_dump(tiny_run_config(tiny_sd3_path, str(one), **common)))
+    _run([python(), TRAIN_SCRIPT, "--config", str(run), "--sample_batch_size", "4", "--train_batch_size", "4"], tmp_path)
+    accelerate = os.path.join(os.path.dirname(python()), "accelerate")
+    _run(
+        [accelerate, "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"),
+         TRAIN_SCRIPT, "--config", str(run), "--output_dir", str(two), "--sample_batch_size", "2",
+         "--train_batch_size", "2"],
+        tmp_path,
+    )  # fmt: skip
+    for name in (LORA_WEIGHTS_NAME, "config.yaml", "metrics.jsonl", "rewards.jsonl"):
+        assert (two / name).exists(), name
+    rows_one = [json.loads(x) for x in (one / "rewards.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(x) for x in (two / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows_one) == len(rows_two) == 2
+    for a, b in zip(rows_one, rows_two):
+        assert a["prompts"] == b["prompts"]
+        torch.testing.assert_close(torch.tensor(a["rewards"]), torch.tensor(b["rewards"]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(a["weights"]), torch.tensor(b["weights"]), atol=1e-4, rtol=1e-4)
+    lora_one, lora_two = load_file(str(one / LORA_WEIGHTS_NAME)), load_file(str(two / LORA_WEIGHTS_NAME))
+    assert lora_one.keys() == lora_two.keys()
+    for key in lora_one:
+        torch.testing.assert_close(lora_one[key], lora_two[key], atol=1e-5, rtol=1e-4)
+    assert any(v.abs().max() > 0 for k, v in lora_one.items() if "lora_B" in k)  # the adapter trained
+    m_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in m_two] == [0, 1]
