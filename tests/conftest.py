@@ -26,6 +26,47 @@ def tiny_sd3_path(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def pretrained_tiny_sd3_path(tmp_path_factory) -> str:
+    """The tiny pipeline after 300 steps of plain flow matching on latents ``b * P + noise``, where P is
+    +1 on the left half and -1 on the right and b ~ U(-1, 1): half its samples are bright on the left.
+
+    A random transformer is not a fixed point of self-training (its own samples pull it elsewhere);
+    a flow-matched one nearly is, so a reward's pull can be told apart from drift.
+    """
+    from orw_diffusers import tiny
+
+    torch.manual_seed(0)
+    pipe = tiny.sd3_pipeline(words=TINY_WORDS, seed=0)
+    transformer = pipe.transformer
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            ["a red cat", "a blue dog", ""], None, None, device="cpu", do_classifier_free_guidance=False,
+            max_sequence_length=8,
+        )  # fmt: skip
+    pattern = torch.ones(4, 8, 8)
+    pattern[..., 4:] = -1
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        b = torch.rand(32, 1, 1, 1, generator=g) * 2 - 1
+        x1 = b * pattern + 0.1 * torch.randn(32, 4, 8, 8, generator=g)
+        noise = torch.randn(32, 4, 8, 8, generator=g)
+        sigmas = torch.rand(32, 1, 1, 1, generator=g)
+        which = torch.randint(0, 3, (32,), generator=g)
+        v = transformer(
+            hidden_states=(1 - sigmas) * x1 + sigmas * noise, timestep=sigmas.flatten() * 1000,
+            encoder_hidden_states=embeds[which], pooled_projections=pooled[which], return_dict=False,
+        )[0]  # fmt: skip
+        loss = ((v - (noise - x1)) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = str(tmp_path_factory.mktemp("tiny-sd3-pretrained") / "pipeline")
+    pipe.save_pretrained(path)
+    return path
+
+
 def tiny_run_config(model_path: str, output_dir: str, **overrides) -> dict:
     """A run config small enough for a CPU test: 2 prompts x 4 images at 16 px, 4 Euler steps."""
     values = dict(
