@@ -113,3 +113,35 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tm
     tuned = pipe(**kwargs).images
     torch.testing.assert_close(tuned, ours, atol=1e-5, rtol=1e-4)
     assert (tuned - base).abs().max() > 1e-4  # the adapter matters: not a vacuous match
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_base_keeps_fp32_lora_and_trains(tiny_sd3_path, tmp_path, fresh_accelerate_state):
+    trainer = _trainer(tiny_sd3_path, tmp_path, mixed_precision="bf16")
+    model = trainer.unwrapped
+    base_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert base_dtypes == {torch.bfloat16}
+    assert {p.dtype for p in lora.lora_parameters(model, None)} == {torch.float32}
+    before = _lora_tensors(model, lora.TRAINED)
+    metrics = trainer.run_round(0)
+    assert all(map(lambda v: v == v and abs(v) < 1e6, (metrics["loss"], metrics["w2_loss"], metrics["grad_norm"])))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _lora_tensors(model, lora.TRAINED)))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_sd3_path, tmp_path, fresh_accelerate_state):
+    plain = _trainer(tiny_sd3_path, tmp_path / "a")
+    plain.run_round(0)
+    expected = _lora_tensors(plain.unwrapped, lora.TRAINED)
+    checkpointed = _trainer(tiny_sd3_path, tmp_path / "b", gradient_checkpointing=True)
+    assert checkpointed.unwrapped.is_gradient_checkpointing
+    checkpointed.run_round(0)
+    for a, b in zip(expected, _lora_tensors(checkpointed.unwrapped, lora.TRAINED)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
