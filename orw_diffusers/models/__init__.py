@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .base import Conditioning, FlowFamily, LoadOptions, PromptCache, read_model_index
+from .flux import FluxFamily
 from .sd3 import SD3Family
 
-FAMILIES: list[type[FlowFamily]] = [SD3Family]
+FAMILIES: list[type[FlowFamily]] = [SD3Family, FluxFamily]
+
+# The run config's mixed_precision values and the weight dtype each means (as the trainer maps them).
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def family_for(pipeline_class_name: str) -> type[FlowFamily]:
@@ -24,11 +30,37 @@ def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> FlowFamily:
     """Detect the family from ``model_index.json`` and load the pipeline on CPU in ``weight_dtype``."""
     index = read_model_index(options.pretrained_model_name_or_path, options.revision)
     family = family_for(index.get("_class_name", "<missing _class_name>"))
-    if weight_dtype not in family.supported_dtypes:
-        from ..config import ConfigError
-
-        raise ConfigError(f"mixed_precision: {weight_dtype} is not supported by {family.__name__}")
+    name = next((k for k, v in MIXED_PRECISION_DTYPES.items() if v == weight_dtype), str(weight_dtype))
+    _check_dtype(family, name, weight_dtype)
     return family.load(options, weight_dtype, index)
 
 
-__all__ = ["Conditioning", "FlowFamily", "LoadOptions", "PromptCache", "SD3Family", "FAMILIES", "load_family", "family_for"]
+def _check_dtype(family: type[FlowFamily], mixed_precision: str, weight_dtype: torch.dtype) -> None:
+    if weight_dtype not in family.supported_dtypes:
+        from ..config import ConfigError
+
+        why = f": {family.precision_note}" if family.precision_note else ""
+        raise ConfigError(f"mixed_precision: {mixed_precision} is not supported by {family.__name__}{why}")
+
+
+def check_model_precision(path_or_id: str, revision: Optional[str], mixed_precision: str) -> None:
+    """Refuse a ``mixed_precision`` the checkpoint's family cannot run (e.g. FLUX + fp16), before anything loads.
+
+    Reads only ``model_index.json``. Raises ``ConfigError`` (one line) for an unsupported pair or an
+    unsupported pipeline class. When ``model_index.json`` cannot be read (no such file, hub
+    unreachable) it returns silently: ``load_family`` reports that, and checks the dtype again.
+    """
+    if mixed_precision not in MIXED_PRECISION_DTYPES:
+        return  # config validation reports unknown choices itself
+    try:
+        index = read_model_index(path_or_id, revision)
+    except Exception:  # noqa: BLE001 - network, permissions, missing file: all reported when loading
+        return
+    family = family_for(index.get("_class_name", "<missing _class_name>"))
+    _check_dtype(family, mixed_precision, MIXED_PRECISION_DTYPES[mixed_precision])
+
+
+__all__ = [
+    "Conditioning", "FlowFamily", "LoadOptions", "PromptCache", "SD3Family", "FluxFamily", "FAMILIES",
+    "load_family", "family_for", "check_model_precision",
+]  # fmt: skip

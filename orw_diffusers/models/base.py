@@ -57,6 +57,8 @@ class FlowFamily(ABC):
     lora_target_modules: ClassVar[list[str]] = []
     #: weight dtypes this family supports (e.g. FLUX: no fp16)
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    #: why a dtype outside ``supported_dtypes`` is refused: one clause for the one-line config error
+    precision_note: ClassVar[str] = ""
 
     def __init__(self, pipeline: Any, options: LoadOptions):
         self.pipeline = pipeline
@@ -84,6 +86,17 @@ class FlowFamily(ABC):
     @abstractmethod
     def release_text_encoders(self) -> None:
         """Drop the text encoders: after the prompt cache is filled they are never needed again."""
+
+    # --- guidance -------------------------------------------------------------------------------
+    def configure_guidance(self, guidance_scale: float) -> float:
+        """Take the run's ``guidance_scale``; return the true-CFG scale the sampler should apply.
+
+        Called once after loading. The default is classifier-free guidance (SD3): the scale passes
+        through. A guidance-distilled family (FLUX.1-dev) instead feeds the value to its guidance
+        embedding in every ``predict_velocity`` (sampling and training alike) and returns 1, so the
+        sampler runs no unconditional pass.
+        """
+        return guidance_scale
 
     # --- the arrows of the data flow ----------------------------------------------------------
     @abstractmethod
