@@ -46,7 +46,11 @@ class TrainConfig:
     log_sample_rewards: bool = _help(
         "Append every sample's prompt, reward and weight (global order) to output_dir/rewards.jsonl each round.", False
     )
-    report_to: str = _help("Accelerate tracker: 'tensorboard', 'wandb', 'all' or 'none'.", "none")
+    report_to: str = _help(
+        "Accelerate tracker: 'tensorboard' (logs in output_dir/logs), 'wandb' (needs `pip install wandb`), "
+        "'all' or 'none'.",
+        "tensorboard",
+    )
     # --- precision, memory -------------------------------------------------------------------
     mixed_precision: str = _help("'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32.", "no")
     gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
@@ -106,6 +110,44 @@ class TrainConfig:
     reward_device: Optional[str] = _help("Device of the reward models. Default: the training device.", None)
     reward_dtype: str = _help("dtype of the reward models: 'float32', 'float16' or 'bfloat16'.", "float32")
     reward_batch_size: int = _help("Images scored per reward-model forward pass.", 32)
+
+    # --- long runs: checkpoints, logging, hub -------------------------------------------------
+    checkpointing_steps: Optional[int] = _help(
+        "Save a resumable checkpoint every N rounds, and after the last round, to output_dir/checkpoints/. "
+        "0 or null: off.",
+        None,
+    )
+    checkpoints_total_limit: Optional[int] = _help(
+        "Keep at most this many checkpoints; the oldest are deleted first, the newest never. null: keep all.", None
+    )
+    resume_from_checkpoint: Optional[str] = _help(
+        "Continue a run from a checkpoint directory, or 'latest' (the newest complete checkpoint in "
+        "output_dir/checkpoints/; a fresh start if there is none).",
+        None,
+    )
+    sample_log_interval: int = _help(
+        "Every N rounds (from round 0), save a grid of the round's samples with their rewards to "
+        "output_dir/samples/round_XXXX.png and the tracker. 0: off.",
+        10,
+    )
+    validation_prompts: Optional[list[str]] = _help(
+        "Prompts rendered with fixed noise by the sampler adapter before training and every validation_interval "
+        "rounds, to output_dir/samples/validation_XXXX.png (XXXX = rounds trained) and the tracker.",
+        None,
+    )
+    validation_interval: int = _help("Rounds between two renders of validation_prompts.", 10)
+    per_prompt_log_max: int = _help(
+        "Log each prompt's mean reward as reward_by_prompt/<i> (i: line of output_dir/prompts.txt) in rounds "
+        "with at most this many unique prompts. 0: off.",
+        16,
+    )
+    push_to_hub: bool = _help(
+        "After training, upload the weights and model card to the Hub repo hub_model_id (token from HF_TOKEN or "
+        "`huggingface-cli login`).",
+        False,
+    )
+    hub_model_id: Optional[str] = _help("Hub repo to push to: 'name' (your namespace) or 'namespace/name'.", None)
+    hub_private: bool = _help("Create the Hub repo as private (if it does not exist yet).", False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,11 +363,58 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
     if cfg.logit_std <= 0:
         raise ConfigError(f"logit_std: {cfg.logit_std!r} must be > 0")
     check_model_path(cfg.pretrained_model_name_or_path)
+    from .models import check_model_precision
+
+    check_model_precision(cfg.pretrained_model_name_or_path, cfg.revision, cfg.mixed_precision)
     parse_reward_spec(cfg.reward)  # names and weights; the models load later
     prompts = load_prompts(cfg)
     if cfg.prompts_per_round is not None and cfg.prompts_per_round <= 0:
         raise ConfigError(f"prompts_per_round: {cfg.prompts_per_round!r} must be a positive integer")
+    _validate_long_runs(cfg)
     return derive_sizes(cfg, num_prompts=len(prompts), num_processes=num_processes)
+
+
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+HUB_REPO_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*/)?[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _validate_long_runs(cfg: TrainConfig) -> None:
+    """The keys of the '# --- long runs' block: checkpoints, trackers, validation renders, the Hub."""
+    import importlib.util
+
+    from .checkpoint import is_checkpoint, list_checkpoints
+
+    for name in ("checkpointing_steps", "sample_log_interval", "per_prompt_log_max"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}: {value!r} must be >= 0 (0 turns it off)")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit: {cfg.checkpoints_total_limit!r} must be >= 1 (null keeps all)")
+    resume = cfg.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not is_checkpoint(resume):
+        raise ConfigError(
+            f"resume_from_checkpoint: {resume!r} is neither 'latest' nor a complete checkpoint directory "
+            f"(output_dir/checkpoints/checkpoint-NNNNNN holding trainer_state.json)"
+        )
+    # A fresh run must not share checkpoints/ with an earlier one: 'latest' could later pick the old run's.
+    if resume is None and list_checkpoints(cfg.output_dir):
+        raise ConfigError(
+            f"resume_from_checkpoint: output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; "
+            f"set resume_from_checkpoint: latest to continue it, or use a new output_dir (or delete its checkpoints/)"
+        )
+    # Trackers are optional packages: say which one is missing now, not after the model has loaded.
+    # ('all' takes whichever are installed, as Accelerate does.)
+    packages = _TRACKER_PACKAGES.get(cfg.report_to, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ConfigError(f"report_to: {cfg.report_to!r} needs `pip install {packages[0]}` (or set report_to: none)")
+    _check_positive(cfg, "validation_interval")
+    if cfg.validation_prompts is not None:
+        if not cfg.validation_prompts or not all(isinstance(p, str) and p.strip() for p in cfg.validation_prompts):
+            raise ConfigError(f"validation_prompts: {cfg.validation_prompts!r} must be a non-empty list of prompts")
+    if cfg.hub_model_id is not None and not HUB_REPO_PATTERN.match(cfg.hub_model_id):
+        raise ConfigError(f"hub_model_id: {cfg.hub_model_id!r} is not a repo id like 'name' or 'namespace/name'")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ConfigError("hub_model_id: set it (e.g. 'your-name/sd35-orw-lora') when push_to_hub is true")
 
 
 def derive_sizes(cfg: TrainConfig, num_prompts: int, num_processes: int) -> Sizes:

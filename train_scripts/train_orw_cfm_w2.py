@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger("orw_diffusers").info("derived sizes: %s", sizes.describe())
 
+    from orw_diffusers.hub import UPLOAD_FAILED_EXIT_CODE, HubUploadError
     from orw_diffusers.trainer import ORWCFMTrainer  # heavy imports only once the config is valid
 
     try:
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except HubUploadError:
+        return UPLOAD_FAILED_EXIT_CODE  # the weights are on disk; the retry command was printed
     return 0
 
 

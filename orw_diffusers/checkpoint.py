@@ -1,0 +1,227 @@
+"""Resumable checkpoints under ``output_dir/checkpoints/``: atomic writes, ``latest``, rotation.
+
+One checkpoint, ``checkpoint-NNNNNN`` (NNNNNN = rounds completed), holds:
+
+- ``pytorch_lora_weights.safetensors``: the trained adapter, diffusers format (``load_lora_weights`` reads it);
+- ``sampler/pytorch_lora_weights.safetensors``: the sampler adapter, same format;
+- ``trainer_state.json``: the round counter, the prompt cursor, the samples seen and the run config;
+- written by Accelerate's ``save_state``: ``optimizer.bin``, ``scheduler.bin``, ``scaler.pt`` (fp16 only) and
+  ``random_states_<rank>.pkl`` (Python, NumPy and torch RNG states of every process).
+
+The frozen base model is never part of a checkpoint. The trainer's save/load hooks (registered with
+``accelerator.register_save_state_pre_hook`` / ``register_load_state_pre_hook``) write and read the
+adapters and the state file and keep Accelerate from saving the full transformer.
+
+A checkpoint is written into ``checkpoints/.tmp-checkpoint-NNNNNN`` and renamed when complete, so a
+process killed mid-write leaves only a temporary directory, which is never taken for ``latest`` and
+is removed by the next save. Only torch is imported at module level: the config validation uses this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "trainer_state.json"
+SAMPLER_SUBDIR = "sampler"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# diffusers' LoRA files prefix the transformer's keys with the pipeline component name.
+_TRANSFORMER_PREFIX = "transformer."
+
+
+@dataclass
+class TrainerState:
+    """What the trainer needs besides the tensors to continue a run exactly where it stopped."""
+
+    rounds_done: int  # the next round to run
+    prompt_cursor: int  # position in the seeded prompt stream; = rounds_done * prompts_per_round
+    samples_seen: int
+    config: dict[str, Any] = field(default_factory=dict)  # the run config that wrote the checkpoint
+
+
+def checkpoint_name(rounds_done: int) -> str:
+    return f"checkpoint-{rounds_done:06d}"
+
+
+def checkpoints_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS_DIR)
+
+
+def is_checkpoint(path: str) -> bool:
+    """A complete checkpoint directory: it holds the state file (temporaries are never named ``checkpoint-N``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, STATE_NAME))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints as ``(rounds_done, path)``, oldest first; temporaries and strays are skipped."""
+    root = checkpoints_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _NAME.match(name)
+        path = os.path.join(root, name)
+        if match and is_checkpoint(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+    """The config's ``resume_from_checkpoint`` -> a checkpoint directory, or None for a fresh start.
+
+    ``latest`` without any checkpoint starts fresh (so one command both starts and restarts a
+    preemptible job); an explicit path must be a complete checkpoint (the config check enforces it).
+    """
+    if value is None:
+        return None
+    if value == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.info("resume_from_checkpoint: latest: no checkpoint in %s yet; starting a new run", output_dir)
+        return path
+    if not is_checkpoint(value):
+        raise FileNotFoundError(f"resume_from_checkpoint: {value!r} is not a complete checkpoint directory")
+    return value
+
+
+def write_state(directory: str, state: TrainerState) -> None:
+    with open(os.path.join(directory, STATE_NAME), "w") as f:
+        json.dump(asdict(state), f, indent=1)
+
+
+def read_state(directory: str) -> TrainerState:
+    with open(os.path.join(directory, STATE_NAME)) as f:
+        return TrainerState(**json.load(f))
+
+
+# --- adapters -----------------------------------------------------------------------------------
+def save_adapters(directory: str, family: Any, transformer: torch.nn.Module) -> None:
+    """Both adapters in diffusers format: the trained one at the top, the sampler in ``sampler/``."""
+    from . import lora
+
+    for adapter, target in ((lora.TRAINED, directory), (lora.SAMPLER, os.path.join(directory, SAMPLER_SUBDIR))):
+        state = {
+            k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in lora.adapter_state_dict(transformer, adapter).items()
+        }
+        family.save_lora_weights(target, state, lora.adapter_metadata(transformer, adapter))
+
+
+def read_lora_file(path: str) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA file -> peft's adapter-free key names (what ``lora.adapter_state_dict`` returns)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    other = [k for k in tensors if not k.startswith(_TRANSFORMER_PREFIX)]
+    if other:
+        raise ValueError(f"{path}: only transformer LoRA weights are expected, found e.g. {other[0]!r}")
+    return {k[len(_TRANSFORMER_PREFIX) :]: v for k, v in tensors.items()}
+
+
+def load_adapters(directory: str, transformer: torch.nn.Module) -> None:
+    """Copy both adapters saved by ``save_adapters`` into the model's adapters, in place (bit-exact;
+    the optimizer keeps pointing at the same parameters)."""
+    from . import lora
+
+    for adapter, source in ((lora.TRAINED, directory), (lora.SAMPLER, os.path.join(directory, SAMPLER_SUBDIR))):
+        lora.load_adapter_state_dict(transformer, read_lora_file(os.path.join(source, LORA_WEIGHTS_NAME)), adapter)
+
+
+# --- atomic save, rotation ----------------------------------------------------------------------
+def save_checkpoint(accelerator: Any, output_dir: str, rounds_done: int, total_limit: Optional[int]) -> str:
+    """``accelerator.save_state`` into a temporary directory, renamed to ``checkpoint-NNNNNN`` when
+    every process has written its part; then rotation. Call on every process. Returns the path."""
+    root = checkpoints_root(output_dir)
+    final = os.path.join(root, checkpoint_name(rounds_done))
+    tmp = os.path.join(root, TMP_PREFIX + checkpoint_name(rounds_done))
+    if accelerator.is_main_process:
+        remove_temporaries(output_dir)  # leftovers of a write that was killed
+        os.makedirs(root, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # runs the trainer's save hook (adapters + trainer_state.json)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not is_checkpoint(tmp):
+            raise RuntimeError(f"checkpoint {tmp} has no {STATE_NAME}: the trainer's save hook did not run")
+        _fsync_tree(tmp)  # the data must be on disk before the rename makes the checkpoint visible
+        _replace_dir(tmp, final)
+        rotate(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate(output_dir: str, total_limit: Optional[int]) -> list[str]:
+    """Delete the oldest complete checkpoints beyond ``total_limit``; the newest one always stays."""
+    found = list_checkpoints(output_dir)
+    if total_limit is None or len(found) <= total_limit:
+        return []
+    doomed = [path for _, path in found[: len(found) - max(total_limit, 1)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed old checkpoint %s (checkpoints_total_limit=%s)", path, total_limit)
+    return doomed
+
+
+def remove_temporaries(output_dir: str) -> None:
+    """Delete interrupted writes (``.tmp-*``, ``.old-*``) under ``checkpoints/``."""
+    root = checkpoints_root(output_dir)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith((TMP_PREFIX, _OLD_PREFIX)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``. An existing ``dst`` (a run resumed from an older checkpoint writes
+    the same round again) is moved aside first and deleted last, so some complete copy always exists."""
+    old = None
+    if os.path.exists(dst):
+        old = os.path.join(os.path.dirname(dst), _OLD_PREFIX + os.path.basename(dst))
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    _fsync_dir(os.path.dirname(dst))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(directory: str) -> None:
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(parent)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
