@@ -191,6 +191,16 @@ def test_clip_score_is_scaled_cosine_with_the_saved_weights(open_clip_files):
     torch.testing.assert_close(scores, 2.5 * (image_emb * text_emb).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_composite_exposes_the_clip_image_embedding_for_diversity(open_clip_files):
+    images = _images(3, 32, 32)
+    clip = {"name": "clip_score", "kwargs": {"model": CLIP_NAME, "pretrained": open_clip_files.weights}}
+    reward = build_reward([{"name": "jpeg_compressibility"}, clip])
+    emb = reward.embed(images)
+    assert emb.shape[0] == 3 and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3), atol=1e-4, rtol=1e-4)
+    assert not hasattr(build_reward("jpeg_compressibility"), "embed")  # no model: the trainer falls back to latents
+
+
 def test_clip_score_preprocessing_matches_open_clip_transform(open_clip_files):
     """Torch resize/crop/normalise vs open_clip's PIL pipeline, on a smooth non-square image."""
     import open_clip

@@ -231,6 +231,9 @@ class CompositeReward:
         self.specs = list(specs)
         self.names = [self._label(s, i) for i, s in enumerate(self.specs)]
         self.fns = [build_reward_fn(s, self.device, self.dtype, batch_size) for s in self.specs]
+        embedders = [fn.embed for fn in self.fns if callable(getattr(fn, "embed", None))]
+        if embedders:  # the trainer's diversity metric uses the first component's embedding space
+            self.embed = embedders[0]
 
     def _label(self, spec: RewardSpec, i: int) -> str:
         base = spec.name.rpartition(":")[2]

@@ -102,6 +102,11 @@ class ClipScore:
         text_emb = self.bundle.text_features(prompts)  # [B, D]
         return (self.scale * (image_emb * text_emb).sum(-1)).cpu()
 
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings float32 [B, D] on CPU: the space of the trainer's diversity metric."""
+        return self.bundle.image_features(images, self.batch_size, self.resize_mode).float().cpu()
+
 
 def clip_score(
     device: Union[str, torch.device] = "cpu",
@@ -129,6 +134,11 @@ class ClipZeroShot:
         image_emb = self.bundle.image_features(images, self.batch_size)  # [B, D]
         probs = (self.bundle.logit_scale * image_emb @ self.text_emb.T).softmax(dim=-1)  # [B, P + N]
         return (probs[:, : self.num_positive].sum(-1) - probs[:, self.num_positive :].sum(-1)).cpu()
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings float32 [B, D] on CPU."""
+        return self.bundle.image_features(images, self.batch_size).float().cpu()
 
 
 def _prompt_list(value: Union[str, Sequence[str]], name: str) -> list[str]:
