@@ -156,6 +156,7 @@ class TrainConfig:
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 WEIGHT_NORMALIZATIONS = ("batch", "per_prompt", "none", "uniform")
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+REWARD_DTYPES = ("float32", "float16", "bfloat16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -313,8 +314,10 @@ def _check_positive(cfg: TrainConfig, *names: str) -> None:
 
 
 def check_model_path(path: str, key: str = "pretrained_model_name_or_path") -> None:
-    """A local path must exist; anything else must look like a hub id ('org/name')."""
+    """A local path must be a pipeline directory; anything else must look like a hub id ('org/name')."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ConfigError(f"{key}: {path!r} has no model_index.json; expected a diffusers pipeline directory")
         return
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         raise ConfigError(f"{key}: {path!r} is not an existing local directory nor a hub id like 'org/model'")
@@ -357,7 +360,9 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
         "num_inner_epochs",
         "resolution",
         "max_sequence_length",
+        "reward_batch_size",
     )
+    _check_choice("reward_dtype", cfg.reward_dtype, REWARD_DTYPES)
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
     if cfg.logit_std <= 0:

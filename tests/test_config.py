@@ -30,6 +30,8 @@ def _write(tmp_path, values, name="run.yaml"):
 def good(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (tmp_path / "EMPTY_DIR").mkdir()
     return tiny_run_config(str(model), str(tmp_path / "out"))
 
 
@@ -52,12 +54,18 @@ BAD_CASES = [
     ("rank", {"rank": 0}, "0"),
     ("learning_rate", {"learning_rate": "fast"}, "fast"),
     ("prompts", {"prompts": None}, "none"),
+    ("reward_dtype", {"reward_dtype": "int8"}, "int8"),
+    ("reward_batch_size", {"reward_batch_size": 0}, "0"),
+    ("prompts_per_round", {"prompts_per_round": 0}, "0"),
+    ("pretrained_model_name_or_path", {"pretrained_model_name_or_path": "EMPTY_DIR"}, "model_index.json"),
 ]
 
 
 @pytest.mark.parametrize("key,change,value", BAD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CASES)])
 def test_bad_values_exit_2_with_one_line_naming_key_and_value(tmp_path, good, capsys, key, change, value):
     good.update(change)
+    if good["pretrained_model_name_or_path"] == "EMPTY_DIR":
+        good["pretrained_model_name_or_path"] = str(tmp_path / "EMPTY_DIR")
     rc = _load_script().main(["--config", _write(tmp_path, good)])
     err = capsys.readouterr().err.strip()
     assert rc == 2
