@@ -145,3 +145,25 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_sd3_path, tmp_path, f
     checkpointed.run_round(0)
     for a, b in zip(expected, _lora_tensors(checkpointed.unwrapped, lora.TRAINED)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sd3_checkpoint_with_t5_loads_with_or_without_it(tmp_path):
+    """SD3/SD3.5 ship T5; load_t5: false drops it (its context part is then zeros, as in diffusers)."""
+    from conftest import TINY_WORDS
+    from orw_diffusers import tiny
+    from orw_diffusers.models import LoadOptions, load_family
+
+    pipe = tiny.sd3_pipeline(words=TINY_WORDS)
+    tok3 = tiny.t5_tokenizer(TINY_WORDS)
+    pipe.register_modules(text_encoder_3=tiny.t5_encoder(len(tok3), d_model=32), tokenizer_3=tok3)
+    path = str(tmp_path / "with-t5")
+    pipe.save_pretrained(path)
+    prompts = ["a red cat", "a blue dog"]
+    with_t5 = load_family(LoadOptions(path, max_sequence_length=8), torch.float32)
+    assert len(with_t5.text_encoders()) == 3
+    cond = with_t5.encode_prompts(prompts, torch.device("cpu")).tensors["prompt_embeds"]  # [2, 16 + 8, 32]
+    assert cond.shape == (2, 16 + 8, 32) and cond[:, 16:].abs().sum() > 0
+    without = load_family(LoadOptions(path, load_t5=False, max_sequence_length=8), torch.float32)
+    assert len(without.text_encoders()) == 2
+    cond = without.encode_prompts(prompts, torch.device("cpu")).tensors["prompt_embeds"]
+    assert cond.shape == (2, 16 + 8, 32) and cond[:, 16:].abs().sum() == 0
