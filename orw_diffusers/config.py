@@ -232,6 +232,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# Keys holding local paths: '~' and $VARIABLES are expanded, as a shell would.
+_PATH_KEYS = ("pretrained_model_name_or_path", "output_dir", "prompt_file", "prompt_dataset", "resume_from_checkpoint")
+
+
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """Build a config from a flat dict; unknown keys are an error that lists the known ones' nearest match."""
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -245,6 +249,8 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint}; see the configuration reference in README.md")
         kwargs[key] = _coerce(key, value, hints[key])
+        if key in _PATH_KEYS and isinstance(kwargs[key], str):
+            kwargs[key] = os.path.expanduser(os.path.expandvars(kwargs[key]))
     return TrainConfig(**kwargs)
 
 

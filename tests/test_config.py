@@ -153,3 +153,13 @@ def test_prompt_dataset_from_local_files_offline(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["x", "y", "z"]}).save_to_disk(str(saved))
     assert load_prompts(TrainConfig(prompt_dataset=str(saved))) == ["x", "y", "z"]
     assert os.path.isdir(saved)
+
+
+def test_paths_expand_home_and_environment_variables(tmp_path, good, monkeypatch):
+    monkeypatch.setenv("ORW_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    good.update(pretrained_model_name_or_path="$ORW_TEST_ROOT/model", output_dir="~/runs/a")
+    cfg = parse_args(["--config", _write(tmp_path, good)])
+    assert cfg.pretrained_model_name_or_path == str(tmp_path / "model")
+    assert cfg.output_dir == str(tmp_path / "runs" / "a")
+    validate(cfg)
