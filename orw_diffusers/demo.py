@@ -27,8 +27,8 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 
 
-def train(config: str, base: str, output_dir: str, extra: list[str]) -> float:
-    """``accelerate launch`` of the real training script; returns its wall time in seconds."""
+def train(config: str, base: str, output_dir: str, extra: list[str], threads: int) -> float:
+    """``accelerate launch`` of the real training script with ``threads`` torch threads; returns its wall time in seconds."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [
         accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
@@ -37,17 +37,26 @@ def train(config: str, base: str, output_dir: str, extra: list[str]) -> float:
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     return time.perf_counter() - start
 
 
-def summarise(name: str, report: dict, reward: float) -> str:
-    hist = " ".join(f"{d}:{h:.2f}" for d, h in enumerate(report["histogram"]))
-    return (
-        f"{name:>6}  reward(digit_even) {reward:.3f}  P(even) {report['p_even']:.3f}  "
-        f"even-class entropy {report['even_entropy']:.3f} ({report['even_entropy'] / math.log(5):.2f} ln5)  "
-        f"relative confident share {report['relative_confident_share']:.2f}\n        histogram {hist}"
-    )
+def summarise(before: dict, after: dict) -> str:
+    """The before -> after table the demo prints."""
+    ln5 = math.log(5)
+    rows = [
+        ("reward (digit_even, CNN)", f"{before['reward']:.3f}", f"{after['reward']:.3f}"),
+        ("P(even) (judge: SVC)", f"{before['p_even']:.3f}", f"{after['p_even']:.3f}"),
+        ("even-class entropy", f"{before['even_entropy']:.3f} ({before['even_entropy'] / ln5:.2f} ln5)",
+         f"{after['even_entropy']:.3f} ({after['even_entropy'] / ln5:.2f} ln5)"),
+        ("relative confident share", f"{before['relative_confident_share']:.2f}", f"{after['relative_confident_share']:.2f}"),
+    ]
+    lines = [f"{'':26}{'before':>20}  ->  {'after':<20}"]
+    lines += [f"{name:26}{b:>20}  ->  {a:<20}" for name, b, a in rows]
+    lines.append("class histogram (% of samples, digits 0..9):")
+    for name, report in (("before", before), ("after", after)):
+        lines.append(f"  {name:>6}  " + " ".join(f"{d}:{round(100 * h):>2}" for d, h in enumerate(report["histogram"])))
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -58,14 +67,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--output_dir", default=os.path.join("outputs", "digits-even"))
     parser.add_argument("--num_eval", type=int, default=500, help="samples judged before and after")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of the demo and of the training process (2 threads on 2 cores shared with another job ran ~20x slower)")
     args, extra = parser.parse_known_args(argv)  # anything else goes to the training script
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     base = digits.ensure_digits_base()
     print(f"base model: {base} ({time.perf_counter() - start:.0f} s)", flush=True)
-    train_seconds = train(args.config, base, args.output_dir, extra)
+    train_seconds = train(args.config, base, args.output_dir, extra, args.threads)
 
     from .images import image_grid, plot_curves, save_image
     from .rewards import build_reward
@@ -80,19 +90,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, images in (("before", before), ("after", after)):
         results[name] = digits.evaluate_images(images)
         results[name]["reward"] = reward(images, prompts).rewards.mean().item()
-        print(summarise(name, results[name], results[name]["reward"]))
+    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     results["train_seconds"] = train_seconds
+    results["round_seconds"] = sum(row["seconds"] for row in rows)
+    results["samples_seen"] = rows[-1]["samples_seen"]
+    print(f"\n{args.num_eval} samples of the generic prompt {digits.GENERIC_PROMPT!r} before and after fine-tuning "
+          f"(same seeds, plain diffusers, {digits.DIGITS_NUM_STEPS} steps):")
+    print(summarise(results["before"], results["after"]))
 
     n = 32
     grid = image_grid(torch.cat([before[:n], after[:n]]), ncols=16, min_tile=32)
     save_image(grid, os.path.join(args.output_dir, "before_after.png"))
-    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
     plot_curves(rows, os.path.join(args.output_dir, "curves.png"), keys=("reward_mean", "w2_loss"))
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(
-        f"fine-tuning took {train_seconds:.0f} s. Wrote {args.output_dir}/before_after.png (top: before, "
+        f"fine-tuning: {len(rows)} rounds, {results['samples_seen']} reward queries, {results['round_seconds']:.0f} s "
+        f"in the rounds ({train_seconds:.0f} s for the whole training process). Wrote {args.output_dir}/before_after.png (top: before, "
         f"bottom: after), {args.output_dir}/curves.png and demo_results.json"
     )
     return 0
