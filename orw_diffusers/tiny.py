@@ -43,11 +43,10 @@ def clip_tokenizer(words: Iterable[str], model_max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
 
 
-def clip_text_encoder(vocab_size: int, hidden_size: int = 16, max_positions: int = 16, layers: int = 2, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_text_config(vocab_size: int, hidden_size: int, max_positions: int, layers: int):
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -60,7 +59,14 @@ def clip_text_encoder(vocab_size: int, hidden_size: int = 16, max_positions: int
         pad_token_id=1,
         hidden_act="gelu",
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+def clip_text_encoder(vocab_size: int, hidden_size: int = 16, max_positions: int = 16, layers: int = 2, seed: int = 0):
+    """A tiny ``CLIPTextModelWithProjection``: SD3 uses its projected pooled output."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_clip_text_config(vocab_size, hidden_size, max_positions, layers)).eval()
 
 
 def sd3_transformer(
@@ -216,22 +222,10 @@ def t5_encoder(vocab_size: int, d_model: int = 32, layers: int = 2, num_heads: i
 
 def clip_text_model(vocab_size: int, hidden_size: int = 16, max_positions: int = 16, layers: int = 2, seed: int = 0):
     """A tiny ``CLIPTextModel``: FLUX uses its ``pooler_output`` (no projection), unlike SD3."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        max_position_embeddings=max_positions,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(_clip_text_config(vocab_size, hidden_size, max_positions, layers)).eval()
 
 
 def flux_transformer(
