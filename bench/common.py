@@ -1,0 +1,401 @@
+"""Shared pieces of the benchmarks: the scaled-down SD3 pipeline, a reward model, timing and tables.
+
+Run a benchmark from the repository root as ``python -m bench.<name> [--quick]``; ``python -m
+bench.run_all`` runs them all and writes ``docs/benchmarks.md``. Nothing here downloads anything.
+
+The benchmark reward lives in ``bench/reward.py``, which training processes load by path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from bench.reward import ConvReward, conv_reward  # noqa: F401  (re-exported for the benchmarks)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_CACHE = os.environ.get("ORW_BENCH_CACHE", "/tmp/orw-bench-models")
+WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark", "tree", "house", "car")
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark model: an SD3 pipeline shaped like SD3.5 (16 latent channels, patch 2, RMS q/k
+# norm, a dual-attention layer, CLIP tokens + zero T5 context), only narrower and shallower.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 64  # hidden size = heads * head_dim
+    latent_size: int = 32  # latents are 16 x latent_size^2
+    vae_blocks: tuple[int, ...] = (16, 32, 64, 64)  # 4 blocks: 8x upsampling, as SD3's VAE
+    text_hidden: int = 64  # each CLIP; pooled = 2 * text_hidden
+    tokenizer_length: int = 77
+    dual_attention_layers: tuple[int, ...] = (0,)
+    seed: int = 0
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * 2 ** (len(self.vae_blocks) - 1)
+
+    def describe(self) -> str:
+        return (
+            f"SD3 transformer: {self.layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
+            f"16 x {self.latent_size}x{self.latent_size} latents (patch 2: {(self.latent_size // 2) ** 2} image tokens), "
+            f"{self.resolution} px; VAE blocks {list(self.vae_blocks)}; CLIP x2 hidden {self.text_hidden}"
+        )
+
+
+BENCH = ModelSpec()
+QUICK = ModelSpec(layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16), text_hidden=16, tokenizer_length=16)
+
+
+def build_pipeline(spec: ModelSpec):
+    """A ``StableDiffusion3Pipeline`` without T5 built in code from ``orw_diffusers.tiny``'s parts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from orw_diffusers import tiny
+
+    tok = tiny.clip_tokenizer(WORDS, spec.tokenizer_length)
+    te1 = tiny.clip_text_encoder(len(tok), spec.text_hidden, spec.tokenizer_length, seed=spec.seed + 1)
+    te2 = tiny.clip_text_encoder(len(tok), spec.text_hidden, spec.tokenizer_length, seed=spec.seed + 2)
+    torch.manual_seed(spec.seed + 3)
+    transformer = SD3Transformer2DModel(
+        sample_size=spec.latent_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=spec.layers,
+        attention_head_dim=spec.head_dim,
+        num_attention_heads=spec.heads,
+        joint_attention_dim=spec.hidden,
+        caption_projection_dim=spec.hidden,
+        pooled_projection_dim=2 * spec.text_hidden,
+        pos_embed_max_size=max(spec.latent_size // 2, 16),
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(i for i in spec.dual_attention_layers if i < spec.layers),
+    )
+    vae = tiny.vae(
+        latent_channels=16,
+        block_out_channels=spec.vae_blocks,
+        norm_num_groups=min(16, spec.vae_blocks[0]),
+        sample_size=spec.resolution,
+        seed=spec.seed + 4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tiny.clip_tokenizer(WORDS, spec.tokenizer_length),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def saved_pipeline(spec: ModelSpec) -> str:
+    """``save_pretrained`` directory of ``build_pipeline(spec)``, built once per spec (under /tmp)."""
+    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(MODEL_CACHE, key)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        tmp = f"{path}.tmp{os.getpid()}"
+        build_pipeline(spec).save_pretrained(tmp)
+        os.makedirs(MODEL_CACHE, exist_ok=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process saved it first
+            pass
+    return path
+
+
+def prompts(n: int) -> list[str]:
+    colours, things = ("red", "blue", "bright", "dark"), ("cat", "dog", "tree", "house", "car")
+    return [f"a photo of a {colours[i % 4]} {things[(i // 4) % 5]} {i}" for i in range(n)]
+
+
+def run_config(model_path: str, output_dir: str, **overrides: Any) -> dict:
+    """A run config for the benchmark model; the reward is ``conv_reward`` below."""
+    values = dict(
+        pretrained_model_name_or_path=model_path,
+        output_dir=output_dir,
+        load_t5=False,
+        max_sequence_length=32,
+        resolution=BENCH.resolution,
+        prompts=prompts(4),
+        images_per_prompt=2,
+        sample_batch_size=4,
+        train_batch_size=2,
+        num_epochs=1,
+        num_sampling_steps=8,
+        guidance_scale=4.5,
+        rank=16,
+        learning_rate=1e-4,
+        w2_coefficient=1.0,
+        reward=f"{os.path.join(REPO, 'bench', 'reward.py')}:conv_reward",
+        seed=0,
+    )
+    values.update(overrides)
+    return values
+
+
+def trainer_for(model_path: str, output_dir: str, **overrides: Any):
+    """An ``ORWCFMTrainer`` on the benchmark pipeline with the conv reward."""
+    from orw_diffusers.config import TrainConfig
+    from orw_diffusers.trainer import ORWCFMTrainer
+
+    cfg = TrainConfig(**run_config(model_path, output_dir, **overrides))
+    return ORWCFMTrainer(cfg, reward_fn=conv_reward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def set_threads(n: int = 1) -> None:
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+# The machine these benchmarks were written on is shared with other jobs, so by default they time
+# CPU seconds of this process (with one thread, the work done, not the waiting for a core). Wall
+# time is one --clock wall away; the two-process benchmark always uses wall time.
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock: list[str] = ["cpu"]
+
+
+def set_clock(name: str) -> None:
+    if name not in CLOCKS:
+        raise ValueError(f"clock {name!r} is not one of {', '.join(CLOCKS)}")
+    _clock[0] = name
+
+
+def clock() -> float:
+    return CLOCKS[_clock[0]]()
+
+
+def clock_note() -> str:
+    return {"cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
+                   "on the machine disturb less than wall time; --clock wall gives wall time.",
+            "wall": "Times are wall-clock seconds (--clock wall)."}[_clock[0]]  # fmt: skip
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn()`` on the benchmark clock; a ``fn`` that returns a float has timed its own
+    core (e.g. a forward pass inside a context whose entry and exit are not the measured work)."""
+    start = clock()
+    result = fn()
+    elapsed = clock() - start
+    return result if isinstance(result, float) else elapsed
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds`` (on the benchmark clock)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.start = clock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = clock() - self.start
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each variant per repetition. Variants run one after another within a repetition
+    and the order rotates between repetitions, so slow drifts of a shared machine hit all alike."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            times[name].append(timed(variants[name]))
+    return times
+
+
+@dataclass
+class Stat:
+    """Median and spread (min, max) of repeated measurements."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def fmt(self, digits: int = 3, scale: float = 1.0) -> str:
+        v = [x * scale for x in self.values]
+        return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
+def ratios(num: Sequence[float], den: Sequence[float]) -> Stat:
+    """Per-repetition ratios (paired), so a slow repetition of the machine cancels out."""
+    return Stat([a / b for a, b in zip(num, den)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak resident memory of a child process
+# ------------------------------------------------------------------------------------------------
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not permitted.
+    (getrusage's ru_maxrss cannot be reset, hence a fresh process per measured variant.)"""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def return_freed_memory() -> None:
+    """What MALLOC_MMAP_THRESHOLD_=65536 does, for an already running process: glibc serves every
+    block above 64 KiB by mmap and unmaps it when freed, so RSS follows the live tensors."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    """Environment of a measuring child: 1 thread, no Hub, and glibc returning every freed block
+    above 64 KiB to the OS at once, so RSS follows the live tensors instead of the allocator's
+    cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_child(module: str, args: Sequence[str], threads: int = 1, timeout: int = 900) -> dict:
+    """``python -m <module> <args>`` in a fresh process; its last stdout line is a JSON result."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=child_env(threads),
+        timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One benchmark's part of docs/benchmarks.md."""
+
+    title: str
+    command: str
+    table: list[list[str]]  # first row: header
+    notes: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)  # the headline numbers, for tests and JSON
+
+    def markdown(self) -> str:
+        head, *rows = self.table
+        lines = [f"## {self.title}", "", f"Reproduce: `{self.command}`", ""]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join("---" for _ in head) + "|")
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        if self.notes:
+            lines.append("")
+            lines += [note if note.startswith(("-", " ")) else f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import diffusers
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {_mem_total_gib():.0f} GiB RAM, no GPU, shared with other jobs (each "
+        f"section notes the load average during its run); Python {platform.python_version()}, "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}; {datetime.date.today().isoformat()}"
+    )
+
+
+def _mem_total_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def load_note() -> str:
+    load = os.getloadavg()
+    return f"machine load average during this benchmark: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 repetition: checks that it runs (tests)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5; 1 with --quick)")
+    p.add_argument("--json", default=None, help="also write the section as JSON to this file")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: process CPU seconds; wall: wall time")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    set_clock(args.clock)
+    return args
+
+
+def reps_of(args: argparse.Namespace, default: int = 5) -> int:
+    return args.reps or (1 if args.quick else default)
+
+
+def emit(section: Section, args: argparse.Namespace) -> None:
+    print(section.markdown())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(section), f, indent=1)

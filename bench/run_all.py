@@ -1,0 +1,140 @@
+"""Run every benchmark, each in its own process, and write ``docs/benchmarks.md``.
+
+    python -m bench.run_all                       # all of them (~30 min on 2 CPU cores)
+    python -m bench.run_all --only w2_overhead    # some of them; the others' saved results are reused
+    python -m bench.run_all --quick --output /tmp/benchmarks.md   # a smoke run
+
+Results are also kept as JSON under ``--results`` (default /tmp/orw-bench-results), so the document
+can be rebuilt from earlier runs with ``--only`` naming none (``--only ''``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+from bench.common import REPO, Section, child_env, machine_info
+
+# (module, the promise it checks); order = order in the document
+BENCHMARKS: dict[str, str] = {
+    "w2_overhead": "the W2 regulariser costs one forward pass without gradient",
+    "reference_memory": "the W2 regulariser needs no memory for a second model",
+    "round_efficiency": "the time of a round goes to the models, not to our code",
+    "sampler_vs_diffusers": "our sampler is at least as fast as Diffusers' pipeline",
+    "text_encoder_calls": "prompt embeddings are computed once per unique prompt",
+    "two_processes": "Accelerate scales the same script to more processes",
+    "planner_validation": "one 24 GB A10 is enough for SD3.5-Medium (via the memory planner, validated here)",
+}
+
+
+def _summary_rows(sections: dict[str, dict]) -> list[list[str]]:
+    rows = [["promise", "figure", "target", "measured (median)", "met"]]
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "**no**"
+
+    r = sections.get("w2_overhead", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["w2_overhead"], "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
+                     "≤ floor × 1.05", f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
+                     yes(r["met"])])  # fmt: skip
+    r = sections.get("reference_memory", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["reference_memory"], "peak memory of a step with / without the reference pass",
+                     "≤ 1.05", f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
+                     yes(r["met"])])  # fmt: skip
+    r = sections.get("round_efficiency", {}).get("results")
+    if r:
+        of_medians = f"; {r['overhead_of_medians']:.1%} from the medians" if "overhead_of_medians" in r else ""
+        rows.append([BENCHMARKS["round_efficiency"], "round time / sum of its model computations − 1", "≤ 10%",
+                     f"{r['overhead']:.1%} per repetition{of_medians}", yes(r["met"])])  # fmt: skip
+    r = sections.get("sampler_vs_diffusers", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["sampler_vs_diffusers"], "images/s ours / StableDiffusion3Pipeline", "≥ 1.0",
+                     f"{r['speedup']:.3f}", yes(r["met"])])  # fmt: skip
+    r = sections.get("text_encoder_calls", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["text_encoder_calls"], "text-encoder calls per round, 64 prompts x 4 images",
+                     "0 after the first encoding", f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
+                     yes(r["cached_per_round"] == 0)])  # fmt: skip
+    r = sections.get("two_processes", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["two_processes"], "samples/s, 2 processes / 1 process", "≥ 1.7",
+                     f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
+                     f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)", yes(r["met"])])  # fmt: skip
+    r = sections.get("planner_validation", {}).get("results")
+    if r:
+        rows.append([BENCHMARKS["planner_validation"], "planner activation estimate vs. measured peak (3 configs)",
+                     "within ±20%", f"worst {r['max_abs_error']:.1%}", yes(r["met"])])  # fmt: skip
+    return rows
+
+
+def render(sections: dict[str, dict], machine: str, quick: bool) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Each promise of the design, measured as a ratio in one run on a small CPU machine. The model is a "
+        "scaled-down SD3 transformer with SD3.5's shape (16 latent channels, patch 2, RMS q/k norm, a dual-attention "
+        "layer, 77 CLIP + zero T5 context tokens), built in code and loaded with `from_pretrained`; nothing is "
+        "downloaded. Ratios are taken per repetition (the compared variants interleaved, order rotated) and "
+        "reported as median (min–max), because the machine was shared with other jobs.",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "Reproduce everything: `python -m bench.run_all` (rewrites this file). Benchmarks are scripts, not tests: "
+        "`tests/test_bench.py` only checks that each one runs (`--quick`).",
+        "",
+    ]
+    if quick:
+        lines += ["**This file was written by a `--quick` smoke run: the numbers are meaningless.**", ""]
+    head, *rows = _summary_rows(sections)
+    lines += ["## Summary", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    lines.append("The A10 statement itself is the memory planner's, whose activation model the last section validates: "
+                 "see [memory.md](memory.md).")
+    lines.append("")
+    for name in BENCHMARKS:
+        if name in sections:
+            lines.append(Section(**sections[name]).markdown())
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny models, 1 repetition")
+    p.add_argument("--only", nargs="*", default=None, help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    p.add_argument("--results", default="/tmp/orw-bench-results", help="directory of the per-benchmark JSON results")
+    p.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    args = p.parse_args(argv)
+    unknown = set(args.only or []) - set(BENCHMARKS)
+    if unknown:
+        p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+    os.makedirs(args.results, exist_ok=True)
+    todo = list(BENCHMARKS) if args.only is None else args.only
+    machine = machine_info()
+    for name in todo:
+        result = os.path.join(args.results, f"{name}.json")
+        cmd = [sys.executable, "-m", f"bench.{name}", "--json", result] + (["--quick"] if args.quick else [])
+        print(f"running {' '.join(cmd[1:])}", flush=True)
+        env = child_env()
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the memory benchmarks set it in their own children
+        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    sections = {}
+    for name in BENCHMARKS:
+        path = os.path.join(args.results, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                sections[name] = json.load(f)
+    with open(args.output, "w") as f:
+        f.write(render(sections, machine, args.quick))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Every benchmark script runs (``--quick``: a tiny model, one repetition). No timing is asserted:
+the figures live in docs/benchmarks.md, written by ``python -m bench.run_all``."""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root, run as ``python -m bench.x``
+
+IN_PROCESS = ["w2_overhead", "reference_memory", "round_efficiency", "sampler_vs_diffusers", "text_encoder_calls",
+              "planner_validation"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_model_cache(tmp_path_factory):
+    """Build the benchmark pipelines from the current code, not from an earlier run's /tmp cache."""
+    common = importlib.import_module("bench.common")
+    old, common.MODEL_CACHE = common.MODEL_CACHE, str(tmp_path_factory.mktemp("bench-models"))
+    yield
+    common.MODEL_CACHE = old
+
+
+def _run(name: str, tmp_path, *extra: str) -> dict:
+    module = importlib.import_module(f"bench.{name}")
+    out = tmp_path / f"{name}.json"
+    assert module.main(["--quick", "--json", str(out), *extra]) == 0
+    section = json.loads(out.read_text())
+    assert section["command"] == f"python -m bench.{name}"
+    header, *rows = section["table"]
+    assert rows and all(len(row) == len(header) for row in rows)
+    return section
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_benchmark_runs(name, tmp_path):
+    section = _run(name, tmp_path)
+    assert section["results"]
+
+
+def test_prompt_cache_counts(tmp_path):
+    """Not a timing: the counts of benchmark 5 are exact."""
+    results = _run("text_encoder_calls", tmp_path)["results"]
+    assert results == {"cached_per_round": 0, "cached_once": 65, "naive_per_round": 3 * 256}
+
+
+def test_two_processes_report_without_launching(monkeypatch):
+    """The launches take minutes (start-up of three interpreters); the arithmetic is checked here."""
+    two = importlib.import_module("bench.two_processes")
+    launched = []
+
+    def fake_launch(processes, run_yaml, output_dir):
+        launched.append(processes)
+        return {"samples_per_s": 1.0 * processes, "samples_per_cpu_s": 1.0 * processes, "wall": 10.0, "load": 1.0}
+
+    monkeypatch.setattr(two, "_launch", fake_launch)
+    section = two.run(quick=True, reps=2)
+    assert sorted(launched) == [1, 1, 2, 2]
+    assert section.results["speedup"] == pytest.approx(2.0) and section.results["met"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ORW_SLOW_TESTS"), reason="launches 1 + 2 training processes (1-2 min); set ORW_SLOW_TESTS=1")
+def test_two_processes_launches(tmp_path):
+    assert _run("two_processes", tmp_path)["results"]["speedup"] > 0
+
+
+def test_run_all_renders_the_summary():
+    run_all = importlib.import_module("bench.run_all")
+    section = {"title": "Round efficiency", "command": "python -m bench.round_efficiency",
+               "table": [["a", "b"], ["1", "2"]], "notes": ["n"],
+               "results": {"overhead": 0.04, "met": True}}  # fmt: skip
+    text = run_all.render({"round_efficiency": section}, "a machine", quick=False)
+    assert "| the time of a round goes to the models, not to our code |" in text
+    assert "4.0%" in text and "Reproduce: `python -m bench.round_efficiency`" in text

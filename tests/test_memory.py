@@ -1,0 +1,140 @@
+"""The memory planner: shipped and local configs without network, the breakdown, monotonic sanity, errors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from orw_diffusers import memory
+from orw_diffusers.config import ConfigError
+from orw_diffusers.memory import MemoryPlanner, PlanSettings, load_model_configs, parse_size
+
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+
+@pytest.fixture(scope="module")
+def tiny_planner(tiny_sd3_path) -> MemoryPlanner:
+    return MemoryPlanner(load_model_configs(tiny_sd3_path))
+
+
+def _tiny_settings(path: str, **overrides) -> PlanSettings:
+    values = dict(model=path, resolution=16, train_batch_size=2, sample_batch_size=2, samples_per_process=8, rank=4,
+                  mixed_precision="no", max_sequence_length=8, guidance_scale=2.0, rewards=())  # fmt: skip
+    values.update(overrides)
+    return PlanSettings(**values)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("23028MiB") == 23028 * 2**20
+    assert parse_size("1.5 gib") == int(1.5 * 2**30)
+    with pytest.raises(ConfigError, match="24GiB"):
+        parse_size("24 parsecs")
+
+
+def test_unknown_model_is_a_one_line_error(capsys):
+    with pytest.raises(ConfigError) as err:
+        load_model_configs("nobody/no-such-model")
+    message = str(err.value)
+    assert "\n" not in message and "no-such-model" in message and SD35_MEDIUM in message
+    assert memory.main(["--pretrained_model_name_or_path", "nobody/no-such-model", "--prompts_per_round", "4"]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith("error: model 'nobody/no-such-model'") and "\n" not in stderr
+
+
+@pytest.mark.parametrize(
+    "hub_id, billions",
+    [(SD35_MEDIUM, 2.24), ("stabilityai/stable-diffusion-3.5-large", 8.05), ("black-forest-labs/FLUX.1-dev", 11.90)],
+)
+def test_shipped_configs_build_the_real_architecture_on_meta(hub_id, billions):
+    configs = load_model_configs(hub_id)  # no download: the shipped public configs
+    model = memory.meta_diffusers_model(configs.components["transformer"], torch.bfloat16)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert memory.num_parameters(model) / 1e9 == pytest.approx(billions, abs=0.01)
+    assert memory.architecture(configs) is memory.ARCHITECTURES[configs.transformer_class]
+    assert configs.text_encoders()  # the encoders the prompt cache runs once
+
+
+def test_sd35_medium_plan_adds_up_and_fits_an_a10():
+    planner = MemoryPlanner(load_model_configs(SD35_MEDIUM))
+    s = PlanSettings(model=SD35_MEDIUM, resolution=512, train_batch_size=1, sample_batch_size=2, samples_per_process=8,
+                     mixed_precision="fp16", gradient_checkpointing=True)  # fmt: skip
+    plan = planner.plan(s)
+    assert plan.peak == sum(item.bytes for item in plan.peak_items())
+    for phase in memory.PHASES:
+        assert plan.phase_total(phase) == sum(i.bytes for i in plan.items if phase in i.phases)
+    groups = {item.group for item in plan.items}
+    assert {"frozen weights", "LoRA", "activations", "runtime"} <= groups
+    # fp16 transformer weights + buffers: 2.24 B params and the 384^2 x 1536 position table
+    transformer = next(i for i in plan.items if i.name.startswith("transformer"))
+    assert transformer.bytes / 2**30 == pytest.approx(4.6, abs=0.1)
+    assert plan.fits(parse_size("23028MiB"))  # an A10
+    text = memory.format_plan(plan, parse_size("23028MiB"))
+    assert "peak:" in text and "fits in" in text
+
+
+def test_local_model_directory_and_cli(tiny_sd3_path, tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"pretrained_model_name_or_path": tiny_sd3_path, "resolution": 16,
+                                   "prompts": ["a red cat", "a blue dog"], "images_per_prompt": 4,
+                                   "sample_batch_size": 4, "train_batch_size": 4, "max_sequence_length": 8,
+                                   "rank": 4, "reward": "jpeg_compressibility"}))  # fmt: skip
+    assert memory.main(["--config", str(run), "--gpu_memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer" in out and "peak:" in out and "fits in 24.00 GiB" in out
+
+
+def test_breakdown_adds_up_on_the_tiny_model(tiny_planner, tiny_sd3_path):
+    plan = tiny_planner.plan(_tiny_settings(tiny_sd3_path))
+    assert plan.peak == max(plan.phase_total(p) for p in memory.PHASES)
+    assert plan.peak == sum(item.bytes for item in plan.peak_items())
+    assert all(item.bytes >= 0 for item in plan.items)
+
+
+def test_activations_are_linear_in_the_batch(tiny_planner, tiny_sd3_path):
+    """The planner traces batches 1 and 2 and extrapolates; a direct trace of batch 3 must agree."""
+    s = _tiny_settings(tiny_sd3_path)
+    extrapolated = tiny_planner.train_step_peak(s, batch=3)
+    direct = MemoryPlanner(tiny_planner.configs)
+    direct._linear = lambda key, batch, trace_at: trace_at(batch)  # trace the batch itself
+    assert direct.train_step_peak(s, batch=3) == pytest.approx(extrapolated, rel=0.02)
+
+
+def test_monotonic_sanity(tiny_planner, tiny_sd3_path):
+    s = _tiny_settings(tiny_sd3_path)
+    base = tiny_planner.plan(s)
+
+    def phase(plan, name):
+        return plan.phase_total(name)
+
+    assert phase(tiny_planner.plan(replace(s, train_batch_size=4)), "train") > phase(base, "train")
+    assert phase(tiny_planner.plan(replace(s, sample_batch_size=4)), "sample") > phase(base, "sample")
+    assert phase(tiny_planner.plan(replace(s, sample_batch_size=4)), "decode") > phase(base, "decode")
+
+    def train_activations(plan):
+        return next(i.bytes for i in plan.items if i.name.startswith("training micro-batch"))
+
+    assert train_activations(tiny_planner.plan(replace(s, gradient_checkpointing=True))) < train_activations(base)
+    half = tiny_planner.plan(replace(s, mixed_precision="bf16"))
+    frozen = [i for i in base.items if i.group == "frozen weights"]
+    frozen_half = [i for i in half.items if i.group == "frozen weights"]
+    assert sum(i.bytes for i in frozen_half) * 2 == pytest.approx(sum(i.bytes for i in frozen), rel=0.01)
+    assert tiny_planner.plan(replace(s, rank=16)).item  # builds another adapter size
+    lora_items = lambda p: sum(i.bytes for i in p.items if i.group == "LoRA")  # noqa: E731
+    assert lora_items(tiny_planner.plan(replace(s, rank=16))) > lora_items(base)
+    no_cache = tiny_planner.plan(replace(s, prompt_cache=False))
+    assert phase(no_cache, "train") > phase(base, "train")  # text encoders stay resident
+
+
+def test_advice_names_a_knob_when_it_does_not_fit(tiny_planner, tiny_sd3_path):
+    s = _tiny_settings(tiny_sd3_path, train_batch_size=4, sample_batch_size=4)
+    plan = tiny_planner.plan(s, runtime_overhead=0)
+    fits = memory.advise(tiny_planner, s, plan.peak, 0)
+    assert fits.fits and fits.first_knob is None
+    budget = plan.peak - 1
+    advice = memory.advise(tiny_planner, s, budget, 0)
+    assert not advice.fits and advice.first_knob
+    assert advice.steps[-1][1] < plan.peak
+    assert "first knob: " in memory.format_plan(plan, budget, advice)
