@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import tempfile
 from typing import Optional, Sequence
 

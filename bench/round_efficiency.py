@@ -63,7 +63,7 @@ def _profile(fn: Callable[[], Any]) -> dict[str, float]:
 
 def run(quick: bool = False, reps: int = 5) -> Section:
     from orw_diffusers import lora
-    from orw_diffusers.flow import interpolate, per_sample_noise, target_velocity
+    from orw_diffusers.flow import interpolate, target_velocity
 
     set_threads(1)
     spec = QUICK if quick else BENCH
