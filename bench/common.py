@@ -59,13 +59,16 @@ class ModelSpec:
     def describe(self) -> str:
         return (
             f"SD3 transformer: {self.layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
-            f"16 x {self.latent_size}x{self.latent_size} latents (patch 2: {(self.latent_size // 2) ** 2} image tokens), "
+            f"16 x {self.latent_size}x{self.latent_size} latents "
+            f"(patch 2: {(self.latent_size // 2) ** 2} image tokens), "
             f"{self.resolution} px; VAE blocks {list(self.vae_blocks)}; CLIP x2 hidden {self.text_hidden}"
         )
 
 
 BENCH = ModelSpec()
-QUICK = ModelSpec(layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16), text_hidden=16, tokenizer_length=16)
+QUICK = ModelSpec(
+    layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16), text_hidden=16, tokenizer_length=16
+)
 
 
 def build_pipeline(spec: ModelSpec):
@@ -195,9 +198,11 @@ def clock() -> float:
 
 
 def clock_note() -> str:
-    return {"cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
-                   "on the machine disturb less than wall time; --clock wall gives wall time.",
-            "wall": "Times are wall-clock seconds (--clock wall)."}[_clock[0]]  # fmt: skip
+    return {
+        "cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
+        "on the machine disturb less than wall time; --clock wall gives wall time.",
+        "wall": "Times are wall-clock seconds (--clock wall).",
+    }[_clock[0]]
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -283,13 +288,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+# glibc serves every block of at least this many bytes by mmap and unmaps it when freed. At 64 KiB
+# the small tensors of the smallest validation config still came from (and went back to) the heap
+# and were missed by up to 0.6 MiB; at 4 KiB RSS follows the live tensors to within a page.
+MMAP_THRESHOLD = 4096
+
+
 def return_freed_memory() -> None:
-    """What MALLOC_MMAP_THRESHOLD_=65536 does, for an already running process: glibc serves every
-    block above 64 KiB by mmap and unmaps it when freed, so RSS follows the live tensors."""
+    """What MALLOC_MMAP_THRESHOLD_ in ``child_env`` does, for an already running process."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -300,10 +310,10 @@ def peak_rss_bytes() -> int:
 
 def child_env(threads: int = 1) -> dict[str, str]:
     """Environment of a measuring child: 1 thread, no Hub, and glibc returning every freed block
-    above 64 KiB to the OS at once, so RSS follows the live tensors instead of the allocator's
+    of 4 KiB and more to the OS at once, so RSS follows the live tensors instead of the allocator's
     cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -311,9 +321,13 @@ def child_env(threads: int = 1) -> dict[str, str]:
 def run_child(module: str, args: Sequence[str], threads: int = 1, timeout: int = 900) -> dict:
     """``python -m <module> <args>`` in a fresh process; its last stdout line is a JSON result."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=child_env(threads),
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(threads),
         timeout=timeout,
-    )  # fmt: skip
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -372,7 +386,10 @@ def _mem_total_gib() -> float:
 
 def load_note() -> str:
     load = os.getloadavg()
-    return f"machine load average during this benchmark: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on {os.cpu_count()} cores"
+    return (
+        f"machine load average during this benchmark: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) "
+        f"on {os.cpu_count()} cores"
+    )
 
 
 def parser(description: str) -> argparse.ArgumentParser:

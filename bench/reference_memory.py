@@ -22,8 +22,25 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (BENCH, QUICK, ModelSpec, Section, Stat, emit, load_note, parser, peak_rss_bytes, prompts,
-                          ratios, reps_of, reset_peak_rss, return_freed_memory, rss_bytes, run_child, saved_pipeline, set_threads)  # fmt: skip
+from bench.common import (
+    QUICK,
+    ModelSpec,
+    Section,
+    Stat,
+    emit,
+    load_note,
+    parser,
+    peak_rss_bytes,
+    prompts,
+    ratios,
+    reps_of,
+    reset_peak_rss,
+    return_freed_memory,
+    rss_bytes,
+    run_child,
+    saved_pipeline,
+    set_threads,
+)
 
 # Wider and deeper than BENCH so that the frozen weights (~300 MB fp32) weigh against the
 # interpreter and libraries (~0.5 GB resident) as the model dominates GPU memory at full scale.
@@ -58,16 +75,27 @@ def measure(variant: str, spec: ModelSpec) -> dict:
     baseline = rss_bytes()  # interpreter + torch + diffusers + the library, no model yet
     path = saved_pipeline(spec)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(**run_config(path, out, resolution=spec.resolution, prompts=prompts(1), images_per_prompt=2,
-                                       train_batch_size=2, sample_batch_size=2,
-                                       w2_coefficient=0.0 if variant == "none" else 1.0))  # fmt: skip
+        cfg = TrainConfig(
+            **run_config(
+                path,
+                out,
+                resolution=spec.resolution,
+                prompts=prompts(1),
+                images_per_prompt=2,
+                train_batch_size=2,
+                sample_batch_size=2,
+                w2_coefficient=0.0 if variant == "none" else 1.0,
+            )
+        )
         trainer = _trainer_class()(cfg, reward_fn=conv_reward)
         rollout = fixed_rollout(trainer)
         weights = torch.ones(len(rollout.indices))
         trainer.optimise(rollout, weights, 0)  # warm-up: optimizer state and lazy initialisation
         if variant == "deep_copy":
             # built before the reset: the peer holds this copy for the whole run
-            trainer.reference_copy = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.transformer)).requires_grad_(False)
+            trainer.reference_copy = copy.deepcopy(
+                trainer.accelerator.unwrap_model(trainer.transformer)
+            ).requires_grad_(False)
         gc.collect()
         before = rss_bytes()
         resettable = reset_peak_rss()
@@ -96,12 +124,23 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         return ratios([r["peak"] - r["baseline"] for r in results[v]], [r["peak"] - r["baseline"] for r in none])
 
     mib = 1 / 2**20
-    table = [["variant", "peak RSS, MiB", "ratio to no reference (whole process)",
-              "ratio above the interpreter + libraries baseline", "target", "met"]]  # fmt: skip
+    table = [
+        [
+            "variant",
+            "peak RSS, MiB",
+            "ratio to no reference (whole process)",
+            "ratio above the interpreter + libraries baseline",
+            "target",
+            "met",
+        ]
+    ]
     met = {}
     for v in VARIANTS:
-        label = {"none": "no reference pass (w2_coefficient 0)", "adapters_off": "**ours**: adapters disabled",
-                 "deep_copy": "peer: deep-copied frozen reference"}[v]  # fmt: skip
+        label = {
+            "none": "no reference pass (w2_coefficient 0)",
+            "adapters_off": "**ours**: adapters disabled",
+            "deep_copy": "peer: deep-copied frozen reference",
+        }[v]
         peak = Stat([r["peak"] for r in results[v]]).fmt(0, mib)
         target = f"≤ {TARGET}" if v == "adapters_off" else ""
         met[v] = above_baseline(v).median <= TARGET and whole(v).median <= TARGET
@@ -110,9 +149,10 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     base = Stat([r["baseline"] for r in none]).fmt(0, mib)
     notes = [
         f"{spec.describe()}; training micro-batch of 2, LoRA rank 16, fp32, 1 thread; {reps} repetitions, "
-        + ("all variants in this process (--quick)" if quick else "each variant in a fresh process (order rotated)") + ".",
+        + ("all variants in this process (--quick)" if quick else "each variant in a fresh process (order rotated)")
+        + ".",
         f"Peak = the kernel's VmHWM over the measured optimise() call, reset just before it (/proc/self/clear_refs); "
-        f"glibc is told to return freed blocks above 64 KiB at once (MALLOC_MMAP_THRESHOLD_), so RSS follows live "
+        f"glibc is told to return freed blocks of 4 KiB and more at once (MALLOC_MMAP_THRESHOLD_), so RSS follows live "
         f"tensors. The baseline (Python, torch, diffusers, the library, before any model) is {base} MiB; the last "
         f"ratio column subtracts it, which is the GPU-like view (a GPU holds no interpreter).",
         load_note(),
@@ -126,10 +166,14 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         "python -m bench.reference_memory",
         table,
         notes,
-        {"adapters_off": above_baseline("adapters_off").median, "adapters_off_whole": whole("adapters_off").median,
-         "deep_copy": above_baseline("deep_copy").median, "deep_copy_whole": whole("deep_copy").median,
-         "met": met["adapters_off"]},
-    )  # fmt: skip
+        {
+            "adapters_off": above_baseline("adapters_off").median,
+            "adapters_off_whole": whole("adapters_off").median,
+            "deep_copy": above_baseline("deep_copy").median,
+            "deep_copy_whole": whole("deep_copy").median,
+            "met": met["adapters_off"],
+        },
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

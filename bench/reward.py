@@ -16,7 +16,9 @@ class ConvReward(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         chans = [3, width, 2 * width, 4 * width, 4 * width]
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:])
+        )
         self.head = torch.nn.Linear(chans[-1], 1)
         with torch.no_grad():
             for p in self.parameters():

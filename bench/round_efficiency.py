@@ -18,8 +18,25 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from bench.common import (BENCH, QUICK, Section, Stat, Stopwatch, clock_note, conv_reward, emit, interleaved,
-                          load_note, parse, parser, ratios, reps_of, saved_pipeline, set_threads, trainer_for)  # fmt: skip
+from bench.common import (
+    BENCH,
+    QUICK,
+    Section,
+    Stat,
+    Stopwatch,
+    clock_note,
+    conv_reward,
+    emit,
+    interleaved,
+    load_note,
+    parse,
+    parser,
+    ratios,
+    reps_of,
+    saved_pipeline,
+    set_threads,
+    trainer_for,
+)
 
 TARGET = 0.10
 
@@ -129,8 +146,13 @@ def run(quick: bool = False, reps: int = 5) -> Section:
                 family.predict_velocity(model, x_t, sig_t, cond_t)
             return sw.seconds
 
-        parts = {"sample_fwd": sample_fwd, "decode": decode, "reward": reward, "train_fwd_bwd": train_fwd_bwd,
-                 "ref_fwd": ref_fwd}  # fmt: skip
+        parts = {
+            "sample_fwd": sample_fwd,
+            "decode": decode,
+            "reward": reward,
+            "train_fwd_bwd": train_fwd_bwd,
+            "ref_fwd": ref_fwd,
+        }
         times = interleaved({"round": one_round, **parts}, reps=reps, warmup=0)
         model_sums = [sum(counts[k] * times[k][r] for k in parts) for r in range(reps)]
         ratio = ratios(times["round"], model_sums)
@@ -141,23 +163,54 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         direct = _direct_costs(trainer, reps=3 if quick else 7)
     round_s = Stat(times["round"]).median
     met = overhead.median <= TARGET and round_s / Stat(model_sums).median - 1 <= TARGET
-    table = [["computation", "calls per round", "seconds per call, median (min–max)", "seconds per round", "share of round"]]
+    table = [["computation", "calls per round", "seconds per call, median (min–max)", "seconds per round", "share"]]
     for k in parts:
         per_call = Stat(times[k])
-        label = {"sample_fwd": f"transformer forward, sampling (batch {sb * cfg_factor}, sampler adapter)",
-                 "decode": f"VAE decode (batch {sb})", "reward": f"reward forward (batch {sb})",
-                 "train_fwd_bwd": f"training forward + backward (batch {tb})",
-                 "ref_fwd": f"reference forward (batch {tb}, no grad)"}[k]  # fmt: skip
-        table.append([label, str(counts[k]), per_call.fmt(4), f"{counts[k] * per_call.median:.2f}",
-                      f"{counts[k] * per_call.median / round_s:.1%}"])  # fmt: skip
-    table.append(["**sum of model computations**", "", "", f"{Stat(model_sums).median:.2f}",
-                  f"{Stat(model_sums).median / round_s:.1%}"])  # fmt: skip
+        label = {
+            "sample_fwd": f"transformer forward, sampling (batch {sb * cfg_factor}, sampler adapter)",
+            "decode": f"VAE decode (batch {sb})",
+            "reward": f"reward forward (batch {sb})",
+            "train_fwd_bwd": f"training forward + backward (batch {tb})",
+            "ref_fwd": f"reference forward (batch {tb}, no grad)",
+        }[k]
+        table.append(
+            [
+                label,
+                str(counts[k]),
+                per_call.fmt(4),
+                f"{counts[k] * per_call.median:.2f}",
+                f"{counts[k] * per_call.median / round_s:.1%}",
+            ]
+        )
+    table.append(
+        [
+            "**sum of model computations**",
+            "",
+            "",
+            f"{Stat(model_sums).median:.2f}",
+            f"{Stat(model_sums).median / round_s:.1%}",
+        ]
+    )
     table.append(["**whole round** (run_round + log)", "1", Stat(times["round"]).fmt(3), f"{round_s:.2f}", "100%"])
-    table.append([f"**overhead** round / model sum − 1, per repetition (target ≤ {TARGET:.0%})", "", overhead.fmt(3),
-                  "", "met" if met else "**missed**"])  # fmt: skip
+    table.append(
+        [
+            f"**overhead** round / model sum − 1, per repetition (target ≤ {TARGET:.0%})",
+            "",
+            overhead.fmt(3),
+            "",
+            "met" if met else "**missed**",
+        ]
+    )
     of_medians = round_s / Stat(model_sums).median - 1
-    table.append(["overhead from the medians (round median / model-sum median − 1)", "", f"{of_medians:.3f}", "",
-                  "met" if of_medians <= TARGET else "**missed**"])  # fmt: skip
+    table.append(
+        [
+            "overhead from the medians (round median / model-sum median − 1)",
+            "",
+            f"{of_medians:.3f}",
+            "",
+            "met" if of_medians <= TARGET else "**missed**",
+        ]
+    )
 
     ranked = sorted(direct.items(), key=lambda kv: -kv[1]["per_round"])
     notes = [
@@ -169,11 +222,16 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         "calls per round:",
     ]
     for rank, (name, d) in enumerate(ranked[:3], 1):
-        notes.append(f"  {rank}. {name}: {d['per_call'] * 1000:.1f} ms x {d['calls']} = {d['per_round'] * 1000:.0f} ms "
-                     f"per round ({d['per_round'] / round_s:.1%})")  # fmt: skip
+        notes.append(
+            f"  {rank}. {name}: {d['per_call'] * 1000:.1f} ms x {d['calls']} = {d['per_round'] * 1000:.0f} ms "
+            f"per round ({d['per_round'] / round_s:.1%})"
+        )
     found = sorted(profiled.items(), key=lambda kv: -kv[1])[:8]
-    notes.append("cProfile of one round (deterministic profiling inflates Python-heavy code), cumulative seconds: "
-                 + "; ".join(f"{k} {v:.3f}" for k, v in found) + ".")  # fmt: skip
+    notes.append(
+        "cProfile of one round (deterministic profiling inflates Python-heavy code), cumulative seconds: "
+        + "; ".join(f"{k} {v:.3f}" for k, v in found)
+        + "."
+    )
     notes.append(clock_note())
     notes.append(load_note())
     if not met:
@@ -183,9 +241,16 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         "python -m bench.round_efficiency",
         table,
         notes,
-        {"overhead": overhead.median, "overhead_of_medians": of_medians, "round_s": round_s, "model_s": Stat(model_sums).median, "met": met,
-         "top_costs": [[k, d["per_round"]] for k, d in ranked[:3]], "profile": found},
-    )  # fmt: skip
+        {
+            "overhead": overhead.median,
+            "overhead_of_medians": of_medians,
+            "round_s": round_s,
+            "model_s": Stat(model_sums).median,
+            "met": met,
+            "top_costs": [[k, d["per_round"]] for k, d in ranked[:3]],
+            "profile": found,
+        },
+    )
 
 
 def _direct_costs(trainer, reps: int) -> dict[str, dict[str, float]]:
@@ -218,15 +283,24 @@ def _direct_costs(trainer, reps: int) -> dict[str, dict[str, float]]:
 
     idx_s, idx_t = torch.arange(sb), torch.arange(tb)
     ops = {
-        "lora.reference (disable + re-enable all adapters), per micro-batch": (reference, micro if cfg.w2_coefficient > 0 else 0),
+        "lora.reference (disable + re-enable all adapters), per micro-batch": (
+            reference,
+            micro if cfg.w2_coefficient > 0 else 0,
+        ),
         "lora.sampler_adapter (switch adapters and back), per sample batch": (sampler, n // sb),
         "lora.copy_adapter (sampler refresh), per round": (lambda: lora.copy_adapter(model), 1),
         "clip + AdamW step + zero_grad, per micro-batch": (optimizer_step, micro),
         "per-sample seeded noise, per sample batch": (
-            lambda: per_sample_noise(trainer.latent_shape, 0, (0, 0), idx_s), n // sb),
+            lambda: per_sample_noise(trainer.latent_shape, 0, (0, 0), idx_s),
+            n // sb,
+        ),
         "per-sample seeded noise + sigmas, per micro-batch": (
-            lambda: (per_sample_noise(trainer.latent_shape, 0, (0, 1, 0), idx_t),
-                     sample_sigmas("uniform", 0, (0, 2, 0), idx_t)), micro),  # fmt: skip
+            lambda: (
+                per_sample_noise(trainer.latent_shape, 0, (0, 1, 0), idx_t),
+                sample_sigmas("uniform", 0, (0, 2, 0), idx_t),
+            ),
+            micro,
+        ),
     }
     out = {}
     for name, (fn, calls) in ops.items():

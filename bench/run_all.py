@@ -39,37 +39,83 @@ def _summary_rows(sections: dict[str, dict]) -> list[list[str]]:
 
     r = sections.get("w2_overhead", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["w2_overhead"], "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
-                     "≤ floor × 1.05", f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
-                     yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["w2_overhead"],
+                "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
+                "≤ floor × 1.05",
+                f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
+                yes(r["met"]),
+            ]
+        )
     r = sections.get("reference_memory", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["reference_memory"], "peak memory of a step with / without the reference pass",
-                     "≤ 1.05", f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
-                     yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["reference_memory"],
+                "peak memory of a step with / without the reference pass",
+                "≤ 1.05",
+                f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
+                yes(r["met"]),
+            ]
+        )
     r = sections.get("round_efficiency", {}).get("results")
     if r:
         of_medians = f"; {r['overhead_of_medians']:.1%} from the medians" if "overhead_of_medians" in r else ""
-        rows.append([BENCHMARKS["round_efficiency"], "round time / sum of its model computations − 1", "≤ 10%",
-                     f"{r['overhead']:.1%} per repetition{of_medians}", yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["round_efficiency"],
+                "round time / sum of its model computations − 1",
+                "≤ 10%",
+                f"{r['overhead']:.1%} per repetition{of_medians}",
+                yes(r["met"]),
+            ]
+        )
     r = sections.get("sampler_vs_diffusers", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["sampler_vs_diffusers"], "images/s ours / StableDiffusion3Pipeline", "≥ 1.0",
-                     f"{r['speedup']:.3f}", yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["sampler_vs_diffusers"],
+                "images/s ours / StableDiffusion3Pipeline",
+                "≥ 1.0",
+                f"{r['speedup']:.3f}",
+                yes(r["met"]),
+            ]
+        )
     r = sections.get("text_encoder_calls", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["text_encoder_calls"], "text-encoder calls per round, 64 prompts x 4 images",
-                     "0 after the first encoding", f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
-                     yes(r["cached_per_round"] == 0)])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["text_encoder_calls"],
+                "text-encoder calls per round, 64 prompts x 4 images",
+                "0 after the first encoding",
+                f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
+                yes(r["cached_per_round"] == 0),
+            ]
+        )
     r = sections.get("two_processes", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["two_processes"], "samples/s, 2 processes / 1 process", "≥ 1.7",
-                     f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
-                     f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)", yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["two_processes"],
+                "samples/s, 2 processes / 1 process",
+                "≥ 1.7",
+                f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
+                f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)",
+                yes(r["met"]),
+            ]
+        )
     r = sections.get("planner_validation", {}).get("results")
     if r:
-        rows.append([BENCHMARKS["planner_validation"], "planner activation estimate vs. measured peak (3 configs)",
-                     "within ±20%", f"worst {r['max_abs_error']:.1%}", yes(r["met"])])  # fmt: skip
+        rows.append(
+            [
+                BENCHMARKS["planner_validation"],
+                "planner activation estimate vs. measured peak (3 configs)",
+                "within ±20%",
+                f"worst {r['max_abs_error']:.1%}",
+                yes(r["met"]),
+            ]
+        )
     return rows
 
 
@@ -95,8 +141,10 @@ def render(sections: dict[str, dict], machine: str, quick: bool) -> str:
     lines += ["## Summary", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
-    lines.append("The A10 statement itself is the memory planner's, whose activation model the last section validates: "
-                 "see [memory.md](memory.md).")
+    lines.append(
+        "The A10 statement itself is the memory planner's, whose activation model the last section validates: "
+        "see [memory.md](memory.md)."
+    )
     lines.append("")
     for name in BENCHMARKS:
         if name in sections:

@@ -15,8 +15,23 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (BENCH, QUICK, Section, Stat, clock_note, emit, interleaved, load_note, parse, parser,
-                          prompts, ratios, reps_of, saved_pipeline, set_threads)  # fmt: skip
+from bench.common import (
+    BENCH,
+    QUICK,
+    Section,
+    Stat,
+    clock_note,
+    emit,
+    interleaved,
+    load_note,
+    parse,
+    parser,
+    prompts,
+    ratios,
+    reps_of,
+    saved_pipeline,
+    set_threads,
+)
 
 TARGET = 1.0
 MAX_SEQUENCE_LENGTH = 32  # zero T5 context tokens, as the trainer's runs without T5
@@ -49,10 +64,16 @@ def run(quick: bool = False, reps: int = 5) -> Section:
 
     def diffusers_call() -> None:
         results["diffusers"] = pipe(
-            prompt=batch_prompts, negative_prompt=[negative] * batch, num_inference_steps=steps,
-            guidance_scale=guidance, height=spec.resolution, width=spec.resolution, latents=noise.clone(),
-            max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt",
-        ).images  # fmt: skip
+            prompt=batch_prompts,
+            negative_prompt=[negative] * batch,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=spec.resolution,
+            width=spec.resolution,
+            latents=noise.clone(),
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            output_type="pt",
+        ).images
 
     family.transformer.eval()
     times = interleaved({"ours": ours, "diffusers": diffusers_call}, reps=reps)
@@ -62,11 +83,23 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     met = speedup.median >= TARGET
     table = [
         ["sampler", "images/s, median (min–max)", "seconds per batch", "speed vs. Diffusers", "target", "met"],
-        ["**ours**: PromptCache + euler_sample + family.decode", ips["ours"].fmt(3), Stat(times["ours"]).fmt(3),
-         speedup.fmt(3), f"≥ {TARGET:.1f}", "yes" if met else "**no**"],
-        ["StableDiffusion3Pipeline.__call__ (output_type='pt')", ips["diffusers"].fmt(3),
-         Stat(times["diffusers"]).fmt(3), "1", "", ""],
-    ]  # fmt: skip
+        [
+            "**ours**: PromptCache + euler_sample + family.decode",
+            ips["ours"].fmt(3),
+            Stat(times["ours"]).fmt(3),
+            speedup.fmt(3),
+            f"≥ {TARGET:.1f}",
+            "yes" if met else "**no**",
+        ],
+        [
+            "StableDiffusion3Pipeline.__call__ (output_type='pt')",
+            ips["diffusers"].fmt(3),
+            Stat(times["diffusers"]).fmt(3),
+            "1",
+            "",
+            "",
+        ],
+    ]
     notes = [
         f"{spec.describe()}; batch {batch}, {steps} steps, guidance {guidance} (CFG: one batched forward of "
         f"{2 * batch}), {spec.resolution} px, fp32, no T5 ({MAX_SEQUENCE_LENGTH} zero context tokens), 1 thread; the "

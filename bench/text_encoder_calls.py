@@ -34,10 +34,19 @@ def run(quick: bool = False, reps: int = 1) -> Section:
     train_prompts = prompts(NUM_PROMPTS)
     sample_bs, train_bs = 32, 32
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(**run_config(
-            path, out, resolution=QUICK.resolution, prompts=train_prompts, images_per_prompt=IMAGES_PER_PROMPT,
-            sample_batch_size=sample_bs, train_batch_size=train_bs, num_sampling_steps=1, num_epochs=rounds,
-        ))  # fmt: skip
+        cfg = TrainConfig(
+            **run_config(
+                path,
+                out,
+                resolution=QUICK.resolution,
+                prompts=train_prompts,
+                images_per_prompt=IMAGES_PER_PROMPT,
+                sample_batch_size=sample_bs,
+                train_batch_size=train_bs,
+                num_sampling_steps=1,
+                num_epochs=rounds,
+            )
+        )
         trainer = ORWCFMTrainer(cfg, reward_fn=conv_reward)
         at_start = trainer.family.text_encoder_calls
         per_round_cached = []
@@ -73,12 +82,13 @@ def run(quick: bool = False, reps: int = 1) -> Section:
     for name, count in naive.items():
         table.append([f"per round, {name}", "0", str(count)])
     table.append(["**per round, total**", f"**{cached_round}**", f"**{naive_total}**"])
-    table.append([f"over 100 rounds", f"{at_start + 100 * cached_round}", f"{100 * naive_total}"])
+    table.append(["over 100 rounds", f"{at_start + 100 * cached_round}", f"{100 * naive_total}"])
     notes = [
         f"{NUM_PROMPTS} prompts x {IMAGES_PER_PROMPT} images = {samples} samples per round, sample_batch_size "
         f"{sample_bs}, train_batch_size {train_bs}; a call = one prompt through every text encoder "
         f"(family.text_encoder_calls). Measured over {rounds} real round(s) of ORWCFMTrainer.",
-        f"Reduction per round: {naive_total} → {cached_round}; over 100 rounds {100 * naive_total / max(at_start + 100 * cached_round, 1):.0f}x "
+        f"Reduction per round: {naive_total} → {cached_round}; over 100 rounds "
+        f"{100 * naive_total / max(at_start + 100 * cached_round, 1):.0f}x "
         f"fewer calls. After the cache is filled the text encoders are released (T5-XXL alone is ~9 GB in fp16).",
     ]
     return Section(

@@ -22,8 +22,22 @@ from typing import Optional, Sequence
 
 import yaml
 
-from bench.common import (BENCH, QUICK, REPO, Section, Stat, child_env, emit, load_note, parser, prompts, ratios,
-                          reps_of, run_config, saved_pipeline)  # fmt: skip
+from bench.common import (
+    BENCH,
+    QUICK,
+    REPO,
+    Section,
+    Stat,
+    child_env,
+    emit,
+    load_note,
+    parser,
+    prompts,
+    ratios,
+    reps_of,
+    run_config,
+    saved_pipeline,
+)
 
 TARGET = 1.7
 SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
@@ -88,7 +102,7 @@ def _launch(processes: int, run_yaml: str, output_dir: str) -> dict:
     }
 
 
-def run(quick: bool = False, reps: int = 5) -> Section:
+def run(quick: bool = False, reps: int = 9) -> Section:
     spec = QUICK if quick else BENCH
     path = saved_pipeline(spec)
     rounds = 2 if quick else 3
@@ -96,13 +110,21 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     loads_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         run_yaml = os.path.join(tmp, "run.yaml")
-        values = run_config(path, os.path.join(tmp, "unused"), resolution=spec.resolution, prompts=prompts(2),
-                            images_per_prompt=4, sample_batch_size=2, train_batch_size=2, num_epochs=rounds,
-                            num_sampling_steps=4)  # fmt: skip
+        values = run_config(
+            path,
+            os.path.join(tmp, "unused"),
+            resolution=spec.resolution,
+            prompts=prompts(2),
+            images_per_prompt=4,
+            sample_batch_size=2,
+            train_batch_size=2,
+            num_epochs=rounds,
+            num_sampling_steps=4,
+        )
         with open(run_yaml, "w") as f:
             yaml.safe_dump(values, f)
         for rep in range(reps):
-            for processes in ((1, 2) if rep % 2 == 0 else (2, 1)):
+            for processes in (1, 2) if rep % 2 == 0 else (2, 1):
                 out = os.path.join(tmp, f"out_{processes}_{rep}")
                 results[processes].append(_launch(processes, run_yaml, out))
     speedup = ratios([r["samples_per_s"] for r in results[2]], [r["samples_per_s"] for r in results[1]])
@@ -112,12 +134,28 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     cps = {p: Stat([r["samples_per_cpu_s"] for r in results[p]]) for p in (1, 2)}
     wall = {p: Stat([r["wall"] for r in results[p]]) for p in (1, 2)}
     table = [
-        ["run", "samples/s (wall), median (min–max)", "speed-up (wall)", "target", "met",
-         "samples per CPU-second of the slowest process", "speed-up (CPU time)", "wall time incl. start-up, s"],
+        [
+            "run",
+            "samples/s (wall), median (min–max)",
+            "speed-up (wall)",
+            "target",
+            "met",
+            "samples per CPU-second of the slowest process",
+            "speed-up (CPU time)",
+            "wall time incl. start-up, s",
+        ],
         ["1 process, 1 thread", sps[1].fmt(3), "1", "", "", cps[1].fmt(3), "1", wall[1].fmt(1)],
-        ["2 processes (cpu_2proc.yaml, gloo), 1 thread each", sps[2].fmt(3), speedup.fmt(3), f"≥ {TARGET}",
-         "yes" if met else "**no**", cps[2].fmt(3), cpu_speedup.fmt(3), wall[2].fmt(1)],
-    ]  # fmt: skip
+        [
+            "2 processes (cpu_2proc.yaml, gloo), 1 thread each",
+            sps[2].fmt(3),
+            speedup.fmt(3),
+            f"≥ {TARGET}",
+            "yes" if met else "**no**",
+            cps[2].fmt(3),
+            cpu_speedup.fmt(3),
+            wall[2].fmt(1),
+        ],
+    ]
     load_during = Stat([r["load"] for rs in results.values() for r in rs])
     notes = [
         f"{spec.describe()}; {2 * 4} samples per round (2 prompts x 4 images), sample_batch_size 2 and "
@@ -151,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["--train"]:  # (internal) one training run, launched by _launch
         return train_recording_cpu_seconds(argv[1:])
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    emit(run(args.quick, reps_of(args, 5)), args)
+    emit(run(args.quick, reps_of(args, 9)), args)
     return 0
 
 

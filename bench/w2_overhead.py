@@ -17,8 +17,25 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (BENCH, QUICK, Section, Stat, Stopwatch, clock_note, emit, interleaved, load_note, parse,
-                          parser, prompts, ratios, reps_of, saved_pipeline, set_threads, trainer_for)  # fmt: skip
+from bench.common import (
+    BENCH,
+    QUICK,
+    Section,
+    Stat,
+    Stopwatch,
+    clock_note,
+    emit,
+    interleaved,
+    load_note,
+    parse,
+    parser,
+    prompts,
+    ratios,
+    reps_of,
+    saved_pipeline,
+    set_threads,
+    trainer_for,
+)
 
 TARGET = 0.05  # the measured ratio may exceed the floor by at most 5%
 
@@ -51,8 +68,15 @@ def run(quick: bool = False, reps: int = 7) -> Section:
     path = saved_pipeline(spec)
     with tempfile.TemporaryDirectory() as out:
         # 2 prompts x 2 images, micro-batches of 2: optimise() runs 2 micro-batches per call
-        trainer = trainer_for(path, out, resolution=spec.resolution, prompts=prompts(2), images_per_prompt=2,
-                              train_batch_size=2, sample_batch_size=2)  # fmt: skip
+        trainer = trainer_for(
+            path,
+            out,
+            resolution=spec.resolution,
+            prompts=prompts(2),
+            images_per_prompt=2,
+            train_batch_size=2,
+            sample_batch_size=2,
+        )
         rollout = fixed_rollout(trainer)
         weights = torch.ones(len(rollout.indices))
         n_micro = trainer.sizes.micro_batches_per_process
@@ -87,10 +111,15 @@ def run(quick: bool = False, reps: int = 7) -> Section:
                 pass
 
         times = interleaved(
-            {"w2": lambda: optimise(1.0), "no_w2": lambda: optimise(0.0), "fb": forward_backward, "ref": reference_forward,
-             "toggle": toggle_adapters},
+            {
+                "w2": lambda: optimise(1.0),
+                "no_w2": lambda: optimise(0.0),
+                "fb": forward_backward,
+                "ref": reference_forward,
+                "toggle": toggle_adapters,
+            },
             reps=reps,
-        )  # fmt: skip
+        )
     step_ratio = ratios(times["w2"], times["no_w2"])
     floor = ratios([f + r for f, r in zip(times["fb"], times["ref"])], times["fb"])
     excess = ratios(step_ratio.values, floor.values)
@@ -113,7 +142,8 @@ def run(quick: bool = False, reps: int = 7) -> Section:
     notes = [
         f"{spec.describe()}; batch of 2 per micro-batch, {n_micro} micro-batches per optimise() call, "
         f"LoRA rank {trainer.cfg.rank}, fp32, 1 thread; {reps} interleaved repetitions (order rotated).",
-        "A ratio below the floor is expected: the noise draws, loss, clipping and AdamW step are shared by both variants.",
+        "A ratio below the floor is expected: the noise draws, loss, clipping and AdamW step are shared by both "
+        "variants.",
         clock_note(),
         load_note(),
     ]
@@ -133,9 +163,14 @@ def run(quick: bool = False, reps: int = 7) -> Section:
         "python -m bench.w2_overhead",
         table,
         notes,
-        {"step_ratio": step_ratio.median, "floor": floor.median, "excess": excess.median, "met": met,
-         "extra_per_ref_forward": extra.median},
-    )  # fmt: skip
+        {
+            "step_ratio": step_ratio.median,
+            "floor": floor.median,
+            "excess": excess.median,
+            "met": met,
+            "extra_per_ref_forward": extra.median,
+        },
+    )
 
 
 def _s(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:

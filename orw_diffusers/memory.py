@@ -69,8 +69,18 @@ PROMPT_CACHE_BATCH = 8  # PromptCache encodes this many prompts per text-encoder
 # Sizes
 # ------------------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -130,7 +140,9 @@ def load_model_configs(name_or_path: str) -> ModelConfigs:
     if os.path.isdir(name_or_path):
         index_file = os.path.join(name_or_path, "model_index.json")
         if not os.path.isfile(index_file):
-            raise ConfigError(f"model {name_or_path!r}: the directory has no model_index.json (not a diffusers pipeline)")
+            raise ConfigError(
+                f"model {name_or_path!r}: the directory has no model_index.json (not a diffusers pipeline)"
+            )
         index = _read_json(index_file)
         components = {}
         for name, entry in index.items():
@@ -236,13 +248,17 @@ class _LiveBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs), [])}
         outputs = _tensors(out, [])
-        fresh = isinstance(out, (torch.Tensor, tuple)) and len(outputs) == (1 if isinstance(out, torch.Tensor) else len(out))
+        fresh = isinstance(out, (torch.Tensor, tuple)) and len(outputs) == (
+            1 if isinstance(out, torch.Tensor) else len(out)
+        )
         for t in outputs:
             fresh = self._track(t, inputs) and fresh
         if key is not None and key not in _OUTPUT_SPECS:
             ok = fresh and all(t.device.type == "meta" and t.storage_offset() == 0 for t in outputs)
             _OUTPUT_SPECS[key] = (
-                (isinstance(out, torch.Tensor), [(tuple(t.shape), t.stride(), t.dtype) for t in outputs]) if ok else None
+                (isinstance(out, torch.Tensor), [(tuple(t.shape), t.stride(), t.dtype) for t in outputs])
+                if ok
+                else None
             )
         self.peak = max(self.peak, self.current)
         return out
@@ -268,7 +284,9 @@ def _flash_sdpa(
         return _math(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     dtype = _AUTOCAST_DTYPE[-1] if _AUTOCAST_DTYPE else query.dtype
     query, key, value = (t.to(dtype) for t in (query, key, value))
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager
@@ -285,15 +303,46 @@ def _fused_attention() -> Iterator[None]:
 
 # CUDA autocast's operator lists (torch/csrc/autograd/autocast_mode), as torch functions.
 _LOW_PRECISION_FUNCS = {
-    F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
-    torch.Tensor.bmm, torch.baddbmm, torch.addmm, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-    F.conv_transpose2d, F.conv_transpose3d,
-}  # fmt: skip
+    F.linear,
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    torch.addmm,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+}
 _FP32_FUNCS = {
-    F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.exp,
-    torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt, torch.sum,
-    torch.Tensor.sum, F.mse_loss, torch.log, torch.Tensor.log, torch.cumsum, torch.norm, torch.Tensor.norm,
-}  # fmt: skip
+    F.layer_norm,
+    F.group_norm,
+    F.softmax,
+    torch.softmax,
+    torch.Tensor.softmax,
+    F.log_softmax,
+    torch.exp,
+    torch.Tensor.exp,
+    torch.pow,
+    torch.Tensor.pow,
+    torch.Tensor.__pow__,
+    torch.rsqrt,
+    torch.Tensor.rsqrt,
+    torch.sum,
+    torch.Tensor.sum,
+    F.mse_loss,
+    torch.log,
+    torch.Tensor.log,
+    torch.cumsum,
+    torch.norm,
+    torch.Tensor.norm,
+}
 
 
 class _AutocastEmulation(TorchFunctionMode):
@@ -438,9 +487,15 @@ class Architecture:
 
 
 _ATTENTION_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-)  # fmt: skip
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 def _sd3_velocity(model, latents, sigmas, cond):
@@ -473,7 +528,10 @@ def _flux_velocity(model, latents, sigmas, cond):
 ARCHITECTURES: dict[str, Architecture] = {
     "SD3Transformer2DModel": Architecture(
         latent_shape=lambda c, scale, res: (c["in_channels"], res // scale, res // scale),
-        cond_shapes=lambda c, n: {"prompt_embeds": (n, c["joint_attention_dim"]), "pooled": (c["pooled_projection_dim"],)},
+        cond_shapes=lambda c, n: {
+            "prompt_embeds": (n, c["joint_attention_dim"]),
+            "pooled": (c["pooled_projection_dim"],),
+        },
         text_length=lambda tokenizer_length, t5_length: tokenizer_length + t5_length,  # CLIP tokens + T5 tokens
         velocity=_sd3_velocity,
         doubles_batch_for_guidance=True,
@@ -482,7 +540,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "FluxTransformer2DModel": Architecture(
         latent_shape=lambda c, scale, res: ((res // scale // 2) ** 2, c["in_channels"]),
-        cond_shapes=lambda c, n: {"prompt_embeds": (n, c["joint_attention_dim"]), "pooled": (c["pooled_projection_dim"],)},
+        cond_shapes=lambda c, n: {
+            "prompt_embeds": (n, c["joint_attention_dim"]),
+            "pooled": (c["pooled_projection_dim"],),
+        },
         text_length=lambda tokenizer_length, t5_length: t5_length,
         velocity=_flux_velocity,
         doubles_batch_for_guidance=False,
@@ -721,7 +782,10 @@ class MemoryPlanner:
         return self.arch.cond_shapes(self.configs.components["transformer"], self.text_length(s))
 
     def _cond(self, s: PlanSettings, batch: int) -> dict[str, torch.Tensor]:
-        return {k: torch.randn(batch, *shape, dtype=s.weight_dtype, device="meta") for k, shape in self.cond_shapes(s).items()}
+        return {
+            k: torch.randn(batch, *shape, dtype=s.weight_dtype, device="meta")
+            for k, shape in self.cond_shapes(s).items()
+        }
 
     # --- traced phases ---------------------------------------------------------------------------
     def _linear(self, key: Any, batch: int, trace_at: Callable[[int], int]) -> int:
@@ -807,7 +871,9 @@ class MemoryPlanner:
 
         def trace_at(b: int) -> int:
             def decode() -> torch.Tensor:
-                latents = torch.randn(b, vae_cfg.get("latent_channels", 4), size, size, dtype=s.weight_dtype, device="meta")
+                latents = torch.randn(
+                    b, vae_cfg.get("latent_channels", 4), size, size, dtype=s.weight_dtype, device="meta"
+                )
                 with torch.no_grad():
                     images = vae.decode(latents, return_dict=False)[0]
                 return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -826,7 +892,7 @@ class MemoryPlanner:
             def encode() -> list:
                 outputs = []
                 with torch.no_grad():
-                    for name, encoder in encoders.items():
+                    for encoder in encoders.values():
                         is_t5 = encoder.config.model_type == "t5"
                         length = s.max_sequence_length if is_t5 else self.configs.tokenizer_max_length()
                         ids = torch.zeros(PROMPT_CACHE_BATCH, length, dtype=torch.long, device="meta")
@@ -853,10 +919,16 @@ class MemoryPlanner:
         frozen += sum(b.numel() * b.element_size() for b in model.buffers())
         frozen_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         items.append(
-            MemoryItem("frozen weights", f"transformer ({frozen_count / 1e9:.2f} B params + buffers)", frozen, all_round)
+            MemoryItem(
+                "frozen weights", f"transformer ({frozen_count / 1e9:.2f} B params + buffers)", frozen, all_round
+            )
         )
         vae = self.vae(s)
-        items.append(MemoryItem("frozen weights", f"VAE ({num_parameters(vae) / 1e6:.0f} M params)", parameter_bytes(vae), all_round))
+        items.append(
+            MemoryItem(
+                "frozen weights", f"VAE ({num_parameters(vae) / 1e6:.0f} M params)", parameter_bytes(vae), all_round
+            )
+        )
         encoders = self.text_encoders(s)
         te_phases = ("encode",) + (all_round if not s.prompt_cache else ())
         for name, encoder in encoders.items():
@@ -865,12 +937,16 @@ class MemoryPlanner:
         reward_models, reward_act = self._reward_models(s, notes)
         for rm in reward_models:
             nbytes = rm.parameters * torch.finfo(REWARD_DTYPES[s.reward_dtype]).bits // 8
-            items.append(MemoryItem("frozen weights", f"reward: {rm.description} ({s.reward_dtype})", nbytes, all_round))
+            items.append(
+                MemoryItem("frozen weights", f"reward: {rm.description} ({s.reward_dtype})", nbytes, all_round)
+            )
 
         # LoRA: two adapters (trained + sampler) in fp32, gradients and AdamW's two moments for the trained one
         trained = sum(p.numel() for p in lora.lora_parameters(model, lora.TRAINED))
         both = sum(p.numel() for p in lora.lora_parameters(model, None))
-        items.append(MemoryItem("LoRA", f"adapters: trained + sampler ({both / 1e6:.1f} M params, fp32)", 4 * both, all_round))
+        items.append(
+            MemoryItem("LoRA", f"adapters: trained + sampler ({both / 1e6:.1f} M params, fp32)", 4 * both, all_round)
+        )
         items.append(MemoryItem("LoRA", "AdamW state (2 moments, fp32)", 8 * trained, all_round))
         grads = 4 * trained
         items.append(MemoryItem("LoRA", "gradients (fp32)", grads, ("train",)))
@@ -880,31 +956,51 @@ class MemoryPlanner:
         # the round's data kept on the GPU
         latent_numel = math.prod(self.latent_shape(s))
         items.append(
-            MemoryItem("round data", f"round latents ({s.samples_per_process} samples)",
-                       s.samples_per_process * latent_numel * dt_bytes, all_round)
-        )  # fmt: skip
+            MemoryItem(
+                "round data",
+                f"round latents ({s.samples_per_process} samples)",
+                s.samples_per_process * latent_numel * dt_bytes,
+                all_round,
+            )
+        )
         cond_numel = sum(math.prod(shape) for shape in self.cond_shapes(s).values())
         items.append(
-            MemoryItem("round data", f"prompt embeddings of the round's samples ({s.samples_per_process})",
-                       s.samples_per_process * cond_numel * dt_bytes, ("train",))
-        )  # fmt: skip
+            MemoryItem(
+                "round data",
+                f"prompt embeddings of the round's samples ({s.samples_per_process})",
+                s.samples_per_process * cond_numel * dt_bytes,
+                ("train",),
+            )
+        )
 
         # activations, traced
         train_peak = self.train_step_peak(s)
         ckpt = "with" if s.gradient_checkpointing else "without"
         items.append(
-            MemoryItem("activations", f"training micro-batch of {s.train_batch_size} ({ckpt} gradient checkpointing)",
-                       max(train_peak - grads, 0), ("train",))
-        )  # fmt: skip
+            MemoryItem(
+                "activations",
+                f"training micro-batch of {s.train_batch_size} ({ckpt} gradient checkpointing)",
+                max(train_peak - grads, 0),
+                ("train",),
+            )
+        )
         guided = s.guidance_scale > 1 and self.arch.doubles_batch_for_guidance
         label = f"sampling batch of {s.sample_batch_size}" + (" (x2 for guidance)" if guided else "")
         items.append(MemoryItem("activations", label, self.sample_step_peak(s), ("sample",)))
-        items.append(MemoryItem("activations", f"VAE decode of {s.sample_batch_size} images", self.decode_peak(s), ("decode",)))
+        items.append(
+            MemoryItem("activations", f"VAE decode of {s.sample_batch_size} images", self.decode_peak(s), ("decode",))
+        )
         images = s.sample_batch_size * 3 * s.resolution**2 * 4
         items.append(MemoryItem("activations", "reward model (+ the decoded images)", reward_act + images, ("reward",)))
         if encoders:
-            items.append(MemoryItem("activations", f"text encoders ({PROMPT_CACHE_BATCH} prompts)", self.encode_peak(s), ("encode",)))
-        items.append(MemoryItem("runtime", "CUDA context, workspaces, allocator slack (assumed)", runtime_overhead, PHASES))
+            items.append(
+                MemoryItem(
+                    "activations", f"text encoders ({PROMPT_CACHE_BATCH} prompts)", self.encode_peak(s), ("encode",)
+                )
+            )
+        items.append(
+            MemoryItem("runtime", "CUDA context, workspaces, allocator slack (assumed)", runtime_overhead, PHASES)
+        )
         if not s.prompt_cache:
             notes.append("without the prompt cache the text encoders stay on the GPU for the whole run")
         return MemoryPlan(s, items, notes)
@@ -935,7 +1031,9 @@ def _divisors_desc(n: int, below: int) -> list[int]:
     return [d for d in range(min(n, below), 0, -1) if n % d == 0]
 
 
-def knob_candidates(planner: MemoryPlanner, s: PlanSettings, budget: int, overhead: int) -> list[tuple[str, PlanSettings]]:
+def knob_candidates(
+    planner: MemoryPlanner, s: PlanSettings, budget: int, overhead: int
+) -> list[tuple[str, PlanSettings]]:
     """The knobs in the order to try them (cheapest in quality and speed first), each applied to ``s``."""
     out: list[tuple[str, PlanSettings]] = []
     if not s.prompt_cache:
@@ -950,8 +1048,12 @@ def knob_candidates(planner: MemoryPlanner, s: PlanSettings, budget: int, overhe
     for b in _divisors_desc(s.samples_per_process, s.train_batch_size - 1):
         fits = planner.plan(replace(s, train_batch_size=b), overhead).fits(budget)
         if fits or b == 1:
-            out.append((f"train_batch_size: {b} (raise gradient_accumulation_steps to keep the optimizer batch)",
-                        replace(s, train_batch_size=b)))  # fmt: skip
+            out.append(
+                (
+                    f"train_batch_size: {b} (raise gradient_accumulation_steps to keep the optimizer batch)",
+                    replace(s, train_batch_size=b),
+                )
+            )
             break
     for b in _divisors_desc(s.samples_per_process, s.sample_batch_size - 1):
         fits = planner.plan(replace(s, sample_batch_size=b), overhead).fits(budget)
@@ -961,7 +1063,9 @@ def knob_candidates(planner: MemoryPlanner, s: PlanSettings, budget: int, overhe
     if s.reward_on_gpu and planner._reward_models(s, [])[0]:
         out.append(("reward_device: cpu", replace(s, reward_on_gpu=False)))
     if s.load_t5 and planner.arch.t5_optional:
-        out.append(("load_t5: false (T5 context becomes zeros: changes the model's conditioning)", replace(s, load_t5=False)))
+        out.append(
+            ("load_t5: false (T5 context becomes zeros: changes the model's conditioning)", replace(s, load_t5=False))
+        )
     return out
 
 
@@ -1073,11 +1177,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m orw_diffusers.memory",
-        description="GPU memory plan of a run config; downloads nothing. Any run-config key can be overridden with --key value.",
+        description="GPU memory plan of a run config; downloads nothing. "
+        "Any run-config key can be overridden with --key value.",
     )
     parser.add_argument("--config", default=None, help="YAML run config (as for train_orw_cfm_w2.py)")
     parser.add_argument("--gpu_memory", default=None, help="GPU memory to fit, e.g. 24GiB, 24GB or 23028MiB")
-    parser.add_argument("--num_processes", type=int, default=1, help="processes (GPUs) of the run; sets the round split")
+    parser.add_argument(
+        "--num_processes", type=int, default=1, help="processes (GPUs) of the run; sets the round split"
+    )
     parser.add_argument("--no_prompt_cache", action="store_true", help="plan as if the text encoders stayed on the GPU")
     parser.add_argument("--runtime_overhead", default=DEFAULT_RUNTIME_OVERHEAD, help="CUDA context + allocator slack")
     parser.add_argument(

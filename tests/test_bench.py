@@ -7,13 +7,18 @@ import os
 import sys
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root, run as ``python -m bench.x``
 
-IN_PROCESS = ["w2_overhead", "reference_memory", "round_efficiency", "sampler_vs_diffusers", "text_encoder_calls",
-              "planner_validation"]  # fmt: skip
+IN_PROCESS = [
+    "w2_overhead",
+    "reference_memory",
+    "round_efficiency",
+    "sampler_vs_diffusers",
+    "text_encoder_calls",
+    "planner_validation",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,16 +69,22 @@ def test_two_processes_report_without_launching(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("ORW_SLOW_TESTS"), reason="launches 1 + 2 training processes (1-2 min); set ORW_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("ORW_SLOW_TESTS"), reason="launches 1 + 2 training processes (1-2 min); set ORW_SLOW_TESTS=1"
+)
 def test_two_processes_launches(tmp_path):
     assert _run("two_processes", tmp_path)["results"]["speedup"] > 0
 
 
 def test_run_all_renders_the_summary():
     run_all = importlib.import_module("bench.run_all")
-    section = {"title": "Round efficiency", "command": "python -m bench.round_efficiency",
-               "table": [["a", "b"], ["1", "2"]], "notes": ["n"],
-               "results": {"overhead": 0.04, "met": True}}  # fmt: skip
+    section = {
+        "title": "Round efficiency",
+        "command": "python -m bench.round_efficiency",
+        "table": [["a", "b"], ["1", "2"]],
+        "notes": ["n"],
+        "results": {"overhead": 0.04, "met": True},
+    }
     text = run_all.render({"round_efficiency": section}, "a machine", quick=False)
     assert "| the time of a round goes to the models, not to our code |" in text
     assert "4.0%" in text and "Reproduce: `python -m bench.round_efficiency`" in text

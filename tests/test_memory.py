@@ -19,8 +19,18 @@ def tiny_planner(tiny_sd3_path) -> MemoryPlanner:
 
 
 def _tiny_settings(path: str, **overrides) -> PlanSettings:
-    values = dict(model=path, resolution=16, train_batch_size=2, sample_batch_size=2, samples_per_process=8, rank=4,
-                  mixed_precision="no", max_sequence_length=8, guidance_scale=2.0, rewards=())  # fmt: skip
+    values = dict(
+        model=path,
+        resolution=16,
+        train_batch_size=2,
+        sample_batch_size=2,
+        samples_per_process=8,
+        rank=4,
+        mixed_precision="no",
+        max_sequence_length=8,
+        guidance_scale=2.0,
+        rewards=(),
+    )
     values.update(overrides)
     return PlanSettings(**values)
 
@@ -59,8 +69,15 @@ def test_shipped_configs_build_the_real_architecture_on_meta(hub_id, billions):
 
 def test_sd35_medium_plan_adds_up_and_fits_an_a10():
     planner = MemoryPlanner(load_model_configs(SD35_MEDIUM))
-    s = PlanSettings(model=SD35_MEDIUM, resolution=512, train_batch_size=1, sample_batch_size=2, samples_per_process=8,
-                     mixed_precision="fp16", gradient_checkpointing=True)  # fmt: skip
+    s = PlanSettings(
+        model=SD35_MEDIUM,
+        resolution=512,
+        train_batch_size=1,
+        sample_batch_size=2,
+        samples_per_process=8,
+        mixed_precision="fp16",
+        gradient_checkpointing=True,
+    )
     plan = planner.plan(s)
     assert plan.peak == sum(item.bytes for item in plan.peak_items())
     for phase in memory.PHASES:
@@ -77,10 +94,21 @@ def test_sd35_medium_plan_adds_up_and_fits_an_a10():
 
 def test_local_model_directory_and_cli(tiny_sd3_path, tmp_path, capsys):
     run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump({"pretrained_model_name_or_path": tiny_sd3_path, "resolution": 16,
-                                   "prompts": ["a red cat", "a blue dog"], "images_per_prompt": 4,
-                                   "sample_batch_size": 4, "train_batch_size": 4, "max_sequence_length": 8,
-                                   "rank": 4, "reward": "jpeg_compressibility"}))  # fmt: skip
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "pretrained_model_name_or_path": tiny_sd3_path,
+                "resolution": 16,
+                "prompts": ["a red cat", "a blue dog"],
+                "images_per_prompt": 4,
+                "sample_batch_size": 4,
+                "train_batch_size": 4,
+                "max_sequence_length": 8,
+                "rank": 4,
+                "reward": "jpeg_compressibility",
+            }
+        )
+    )
     assert memory.main(["--config", str(run), "--gpu_memory", "24GiB"]) == 0
     out = capsys.readouterr().out
     assert "transformer" in out and "peak:" in out and "fits in 24.00 GiB" in out
