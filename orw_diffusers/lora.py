@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -82,15 +83,42 @@ def copy_adapter(transformer: torch.nn.Module, source: str = TRAINED, target: st
 def reference(transformer: torch.nn.Module) -> Iterator[None]:
     """The base model: every adapter disabled, no grad. Re-enables the adapters on exit.
 
+    Does what diffusers' ``disable_adapters`` / ``enable_adapters`` do, on the cached list of peft
+    layers instead of a walk over every module (SD3.5-Medium has 3524 of them, on every micro-batch).
     Disabling flips ``requires_grad`` off on the LoRA parameters and enabling turns it back on for
     the active adapter, so the policy pass after this block is trainable again.
     """
-    transformer.disable_adapters()
+    layers = tuner_layers(transformer)
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         with torch.no_grad():
             yield
     finally:
-        transformer.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+# model -> (its adapters when cached, its peft layers); weak, so that the cache keeps no model alive
+_TUNER_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tuner_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft ``BaseTunerLayer`` modules of ``transformer``, in module order.
+
+    Found once per model and cached; found again when an adapter is added or deleted. A model
+    without adapters is an error, as in diffusers.
+    """
+    if not getattr(transformer, "_hf_peft_config_loaded", False):
+        raise ValueError("No adapter loaded. Please load an adapter first.")
+    adapters = tuple((name, id(config)) for name, config in transformer.peft_config.items())
+    cached = _TUNER_LAYERS.get(transformer)
+    if cached is None or cached[0] != adapters:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = (adapters, [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)])
+        _TUNER_LAYERS[transformer] = cached
+    return cached[1]
 
 
 @contextlib.contextmanager
