@@ -6,39 +6,20 @@ Per config, a fresh process builds the real trainer in fp32 and measures the pea
 clipping, AdamW step), (2) one Euler step of the sampling batch (``sample_latents`` with one step)
 and (3) one VAE decode of it, each after a warm-up call. The planner
 (``orw_diffusers.memory.MemoryPlanner``, reading the saved model directory on the meta device)
-estimates the same three quantities: training = its training-activation trace (gradients
-included) + the micro-batch's prompt embeddings; sampling and decode = their traces.
+estimates the same three quantities from its traces (training: gradients and the micro-batch's
+prompt embeddings included).
 
     python -m bench.planner_validation [--quick] [--reps N]
 """
 
 from __future__ import annotations
 
-import gc
-import json
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (
-    ModelSpec,
-    Section,
-    Stat,
-    emit,
-    load_note,
-    parser,
-    peak_rss_bytes,
-    prompts,
-    reps_of,
-    reset_peak_rss,
-    return_freed_memory,
-    rss_bytes,
-    run_child,
-    saved_pipeline,
-    set_threads,
-    trainer_for,
-)
+from bench.common import ModelSpec, Section, Stat, fixed_round, load_note, saved_pipeline
+from bench.rss import MeasuredInChildren, peak_rss_of, start_measuring
 
 CONFIGS = {
     "A: 2 layers, hidden 128, 128 px": ModelSpec(layers=2, heads=2, head_dim=64, latent_size=16),
@@ -61,33 +42,14 @@ def _configs(quick: bool) -> dict[str, ModelSpec]:
     return QUICK_CONFIGS if quick else CONFIGS
 
 
-def _trainer(spec: ModelSpec, out: str):
-    return trainer_for(
-        saved_pipeline(spec),
-        out,
-        resolution=spec.resolution,
-        prompts=prompts(1),
-        images_per_prompt=BATCH,
-        sample_batch_size=BATCH,
-        train_batch_size=BATCH,
-        num_sampling_steps=1,
-        rank=RANK,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-    )
-
-
 def measure(spec: ModelSpec) -> dict[str, int]:
     """Peak-RSS increase of each phase in this process (bytes); run it in a fresh process."""
-    from bench.w2_overhead import fixed_rollout
-
-    set_threads(1)
-    return_freed_memory()
-    with tempfile.TemporaryDirectory() as out:
-        trainer = _trainer(spec, out)
-        rollout = fixed_rollout(trainer)
-        weights = torch.ones(len(rollout.indices))
+    start_measuring()
+    overrides = dict(num_sampling_steps=1, rank=RANK, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    with fixed_round(spec, num_prompts=1, batch=BATCH, **overrides) as rnd:
+        trainer, rollout = rnd.trainer, rnd.rollout
         calls = {
-            "train": lambda: trainer.optimise(rollout, weights, 0),
+            "train": rnd.optimise,
             "sample": lambda: trainer.sample_latents(rollout.prompts, rollout.indices, 0),
             "decode": lambda: trainer.family.decode(rollout.latents),
         }
@@ -95,13 +57,12 @@ def measure(spec: ModelSpec) -> dict[str, int]:
         for phase, call in calls.items():
             with torch.no_grad() if phase == "decode" else torch.enable_grad():
                 call()  # warm-up: optimizer state, lazy initialisation
-                gc.collect()
-                before = rss_bytes()
-                if not reset_peak_rss():
-                    raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): no valid measurement")
-                call()
-                out_bytes[phase] = peak_rss_bytes() - before
+                rss = peak_rss_of(call, require_reset=True)
+                out_bytes[phase] = rss.peak - rss.before
     return out_bytes
+
+
+CHILDREN = MeasuredInChildren("bench.planner_validation", lambda name, quick: measure(_configs(quick)[name]))
 
 
 def estimate(spec: ModelSpec) -> dict[str, int]:
@@ -123,10 +84,8 @@ def estimate(spec: ModelSpec) -> dict[str, int]:
         reference_pass=True,
         rewards=(),
     )
-    embeddings = planner.plan(s).items
-    cond = next(i.bytes for i in embeddings if i.name.startswith("prompt embeddings"))
     return {
-        "train": planner.train_step_peak(s) + cond,
+        "train": planner.train_step_peak(s),
         "sample": planner.sample_step_peak(s),
         "decode": planner.decode_peak(s),
     }
@@ -138,13 +97,8 @@ def run(quick: bool = False, reps: int = 3) -> Section:
     for spec in configs.values():
         saved_pipeline(spec)  # built once, outside the children
     for _ in range(reps):
-        for name, spec in configs.items():
-            if quick:
-                measured[name].append(measure(spec))
-            else:
-                measured[name].append(
-                    {k: int(v) for k, v in run_child("bench.planner_validation", ["--child", name]).items()}
-                )
+        for name in configs:
+            measured[name].append(CHILDREN.result(name, quick))
     mib = 1 / 2**20
     table = [
         [
@@ -201,14 +155,7 @@ def run(quick: bool = False, reps: int = 3) -> Section:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--child", default=None, help="(internal) measure one config and print JSON")
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(_configs(args.quick)[args.child])))
-        return 0
-    emit(run(args.quick, reps_of(args, 3)), args)
-    return 0
+    return CHILDREN.main(run, __doc__, argv, default_reps=3)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import ConfigError, TrainConfig
+from .models import family_for, flux, sd3
+from .models.base import Conditioning
 
 GiB = 1024**3
 PHASES = ("encode", "sample", "decode", "reward", "train")
@@ -476,8 +478,8 @@ class Architecture:
     cond_shapes: Callable[[dict, int], dict[str, tuple[int, ...]]]
     #: text length of the conditioning, from (tokenizer max length, max_sequence_length)
     text_length: Callable[[int, int], int]
-    #: v(x, sigma, cond) as the family calls the model
-    velocity: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+    #: v(x, sigma, cond, guidance_scale) as the family calls the model (models/<family>.py's ``transformer_velocity``)
+    velocity: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float], torch.Tensor]
     #: whether classifier-free guidance doubles the sampling batch (FLUX.1-dev embeds guidance instead)
     doubles_batch_for_guidance: bool
     #: whether T5 can be dropped (``load_t5: false``) and the context zero-filled
@@ -486,43 +488,15 @@ class Architecture:
     default_lora_targets: tuple[str, ...]
 
 
-_ATTENTION_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
+def _sd3_velocity(model, latents, sigmas, cond, guidance_scale):
+    # classifier-free guidance is the sampler's (a doubled batch), not the model's
+    return sd3.transformer_velocity(model, latents, sigmas, Conditioning(cond))
 
 
-def _sd3_velocity(model, latents, sigmas, cond):
-    # as models/sd3.py: timestep = sigma * 1000
-    return model(
-        hidden_states=latents,
-        timestep=sigmas.float() * 1000.0,
-        encoder_hidden_states=cond["prompt_embeds"],
-        pooled_projections=cond["pooled"],
-        return_dict=False,
-    )[0]
-
-
-def _flux_velocity(model, latents, sigmas, cond):
-    # diffusers' FluxPipeline call: packed latents [B, N, 64], position ids, guidance embedding
-    n_txt, n_img = cond["prompt_embeds"].shape[1], latents.shape[1]
-    guidance = torch.full_like(sigmas.float(), 3.5) if model.config.guidance_embeds else None
-    return model(
-        hidden_states=latents,
-        timestep=sigmas.float(),
-        guidance=guidance,
-        pooled_projections=cond["pooled"],
-        encoder_hidden_states=cond["prompt_embeds"],
-        txt_ids=torch.zeros(n_txt, 3, device=latents.device),
-        img_ids=torch.zeros(n_img, 3, device=latents.device),
-        return_dict=False,
-    )[0]
+def _flux_velocity(model, latents, sigmas, cond, guidance_scale):
+    # FLUX.1-dev embeds the guidance scale in every forward (FluxFamily.configure_guidance); schnell has no embedding
+    guidance = guidance_scale if model.config.guidance_embeds else None
+    return flux.transformer_velocity(model, latents, sigmas, Conditioning(cond), guidance)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -536,7 +510,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         velocity=_sd3_velocity,
         doubles_batch_for_guidance=True,
         t5_optional=True,
-        default_lora_targets=_ATTENTION_TARGETS,
+        default_lora_targets=sd3.JOINT_ATTENTION_TARGETS,
     ),
     "FluxTransformer2DModel": Architecture(
         latent_shape=lambda c, scale, res: ((res // scale // 2) ** 2, c["in_channels"]),
@@ -548,7 +522,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         velocity=_flux_velocity,
         doubles_batch_for_guidance=False,
         t5_optional=False,
-        default_lora_targets=_ATTENTION_TARGETS,
+        default_lora_targets=sd3.JOINT_ATTENTION_TARGETS,
     ),
 }
 
@@ -725,8 +699,6 @@ class MemoryPlanner:
         self._models: dict[Any, torch.nn.Module] = {}
         self._traces: dict[Any, int] = {}
         # the LoRA targets the trainer would use: its family's defaults where the family exists
-        from .models import family_for
-
         try:
             self.default_lora_targets = list(family_for(configs.pipeline_class).lora_target_modules)
         except ConfigError:
@@ -813,12 +785,12 @@ class MemoryPlanner:
                 sigmas = torch.rand(b, device="meta")
                 x_t = interpolate(latents, noise, sigmas)
                 v_target = target_velocity(latents, noise)
-                cond = self._cond(s, b)  # the micro-batch's rows selected from the round's embeddings
+                cond = self._cond(s, b)  # the micro-batch's rows, moved from the prompt cache
                 v_ref = None
                 if s.reference_pass:
                     with lora.reference(model):
-                        v_ref = self.arch.velocity(model, x_t, sigmas, cond)
-                v_pred = self.arch.velocity(model, x_t, sigmas, cond)
+                        v_ref = self.arch.velocity(model, x_t, sigmas, cond, s.guidance_scale)
+                v_pred = self.arch.velocity(model, x_t, sigmas, cond, s.guidance_scale)
                 out = orw_cfm_w2_loss(v_pred, v_target, v_ref, torch.ones(b, device="meta"), 1.0)
                 out.loss.backward()
 
@@ -853,7 +825,7 @@ class MemoryPlanner:
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 sigmas = torch.rand(model_in.shape[0], device="meta")
                 with torch.no_grad(), lora.sampler_adapter(model):
-                    v = self.arch.velocity(model, model_in, sigmas, cond)
+                    v = self.arch.velocity(model, model_in, sigmas, cond, s.guidance_scale)
                 if cfg:
                     v = guided_velocity(*v.chunk(2), s.guidance_scale)
                 return euler_step(latents, v, 1.0, 0.9)
@@ -963,15 +935,8 @@ class MemoryPlanner:
                 all_round,
             )
         )
-        cond_numel = sum(math.prod(shape) for shape in self.cond_shapes(s).values())
-        items.append(
-            MemoryItem(
-                "round data",
-                f"prompt embeddings of the round's samples ({s.samples_per_process})",
-                s.samples_per_process * cond_numel * dt_bytes,
-                ("train",),
-            )
-        )
+        # The prompt embeddings are not round data: optimise takes each micro-batch's rows from the prompt
+        # cache (on the CPU), and those are in the training trace below.
 
         # activations, traced
         train_peak = self.train_step_peak(s)

@@ -290,7 +290,6 @@ class ORWCFMTrainer:
         sums = {k: torch.zeros((), device=self.device) for k in ("loss", "fm_loss", "weighted_fm_loss", "w2_loss")}
         grad_norms = []
         n_micro = 0
-        cond_all = self.prompt_cache.get(rollout.prompts, self.device)
         bs = cfg.train_batch_size
         model.train()
         bar = tqdm(total=cfg.num_inner_epochs * self.sizes.micro_batches_per_process, desc="optimising", leave=False,
@@ -307,7 +306,8 @@ class ORWCFMTrainer:
                 ).to(self.device)
                 x_t = interpolate(latents, noise, sigmas)
                 v_target = target_velocity(latents, noise)
-                cond = cond_all.select(rows)
+                # the micro-batch's embeddings only: the round's would make peak memory grow with the round
+                cond = self.prompt_cache.get(rollout.prompts[start : start + bs], self.device)
                 with acc.accumulate(model):
                     v_ref = None
                     if need_ref:

@@ -115,6 +115,24 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tm
     assert (tuned - base).abs().max() > 1e-4  # the adapter matters: not a vacuous match
 
 
+def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_path):
+    """The round's conditioning is never built at once: each micro-batch takes its own rows from the
+    prompt cache, in sample order, so memory does not grow with the round."""
+    trainer = _trainer(tiny_sd3_path, tmp_path, train_batch_size=2, num_inner_epochs=2)
+    rollout = trainer.rollout(0)
+    requested = []
+    get = trainer.prompt_cache.get
+
+    def spy(prompts, device):
+        requested.append(list(prompts))
+        return get(prompts, device)
+
+    trainer.prompt_cache.get = spy
+    trainer.optimise(rollout, torch.ones(len(rollout.indices)), 0)
+    micro_batches = [rollout.prompts[i : i + 2] for i in range(0, len(rollout.prompts), 2)]
+    assert len(micro_batches) == 4 and requested == 2 * micro_batches
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
