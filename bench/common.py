@@ -9,6 +9,7 @@ The benchmark reward lives in ``bench/reward.py``, which training processes load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -17,17 +18,19 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from bench.reward import ConvReward, conv_reward  # noqa: F401  (re-exported for the benchmarks)
+from orw_diffusers import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CACHE = os.environ.get("ORW_BENCH_CACHE", "/tmp/orw-bench-models")
-WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark", "tree", "house", "car")
+WORDS = tiny.WORDS + ("tree", "house", "car")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,47 +75,23 @@ QUICK = ModelSpec(
 
 
 def build_pipeline(spec: ModelSpec):
-    """A ``StableDiffusion3Pipeline`` without T5 built in code from ``orw_diffusers.tiny``'s parts."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    from orw_diffusers import tiny
-
-    tok = tiny.clip_tokenizer(WORDS, spec.tokenizer_length)
-    te1 = tiny.clip_text_encoder(len(tok), spec.text_hidden, spec.tokenizer_length, seed=spec.seed + 1)
-    te2 = tiny.clip_text_encoder(len(tok), spec.text_hidden, spec.tokenizer_length, seed=spec.seed + 2)
-    torch.manual_seed(spec.seed + 3)
-    transformer = SD3Transformer2DModel(
-        sample_size=spec.latent_size,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=spec.layers,
+    """A ``StableDiffusion3Pipeline`` without T5, built in code by ``orw_diffusers.tiny`` to ``spec``."""
+    return tiny.sd3_pipeline(
+        words=WORDS,
+        resolution=spec.resolution,
+        vae_blocks=spec.vae_blocks,
+        text_hidden=spec.text_hidden,
+        model_max_length=spec.tokenizer_length,
+        transformer_layers=spec.layers,
         attention_head_dim=spec.head_dim,
         num_attention_heads=spec.heads,
+        latent_channels=16,
+        patch_size=2,
         joint_attention_dim=spec.hidden,
-        caption_projection_dim=spec.hidden,
-        pooled_projection_dim=2 * spec.text_hidden,
-        pos_embed_max_size=max(spec.latent_size // 2, 16),
         qk_norm="rms_norm",
         dual_attention_layers=tuple(i for i in spec.dual_attention_layers if i < spec.layers),
-    )
-    vae = tiny.vae(
-        latent_channels=16,
-        block_out_channels=spec.vae_blocks,
-        norm_num_groups=min(16, spec.vae_blocks[0]),
-        sample_size=spec.resolution,
-        seed=spec.seed + 4,
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=te1,
-        tokenizer=tok,
-        text_encoder_2=te2,
-        tokenizer_2=tiny.clip_tokenizer(WORDS, spec.tokenizer_length),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        vae_norm_groups=min(16, spec.vae_blocks[0]),
+        seed=spec.seed,
     )
 
 
@@ -161,13 +140,71 @@ def run_config(model_path: str, output_dir: str, **overrides: Any) -> dict:
     return values
 
 
-def trainer_for(model_path: str, output_dir: str, **overrides: Any):
-    """An ``ORWCFMTrainer`` on the benchmark pipeline with the conv reward."""
+def trainer_for(model_path: str, output_dir: str, trainer_class: Optional[type] = None, **overrides: Any):
+    """An ``ORWCFMTrainer`` (or ``trainer_class``) on the benchmark pipeline with the conv reward."""
     from orw_diffusers.config import TrainConfig
     from orw_diffusers.trainer import ORWCFMTrainer
 
     cfg = TrainConfig(**run_config(model_path, output_dir, **overrides))
-    return ORWCFMTrainer(cfg, reward_fn=conv_reward)
+    return (trainer_class or ORWCFMTrainer)(cfg, reward_fn=conv_reward)
+
+
+def fixed_rollout(trainer, seed: int = 0):
+    """A Rollout of random latents for this process's samples (sampling is not what is measured)."""
+    from orw_diffusers.trainer import Rollout
+
+    indices = trainer.local_indices()
+    round_prompts = trainer.round_prompts(0)
+    g = torch.Generator().manual_seed(seed)
+    n = len(indices)
+    return Rollout(
+        latents=torch.randn((n, *trainer.latent_shape), generator=g).to(trainer.device, trainer.weight_dtype),
+        prompts=[round_prompts[int(i) % len(round_prompts)] for i in indices],
+        indices=indices,
+        rewards=torch.zeros(n),
+        components={},
+        num_nonfinite=0,
+        images=torch.zeros(0, 3, 1, 1),
+    )
+
+
+@dataclass
+class FixedRound:
+    """A trainer with one round of random latents and unit weights: ``optimise`` without sampling."""
+
+    trainer: Any  # ORWCFMTrainer
+    rollout: Any  # its Rollout, from fixed_rollout
+    weights: torch.Tensor  # [n] ones
+
+    def optimise(self) -> dict[str, torch.Tensor]:
+        return self.trainer.optimise(self.rollout, self.weights, 0)
+
+
+@contextlib.contextmanager
+def fixed_round(
+    spec: ModelSpec,
+    num_prompts: int,
+    batch: int = 2,
+    trainer_class: Optional[type] = None,
+    **overrides: Any,
+) -> Iterator[FixedRound]:
+    """``trainer_for`` on ``spec``'s saved pipeline at its resolution, in a temporary output directory:
+    ``num_prompts`` prompts x ``batch`` images, sampled and trained in batches of ``batch`` (one
+    micro-batch per prompt), with ``fixed_rollout``'s round."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trainer_for(
+            saved_pipeline(spec),
+            out,
+            trainer_class,
+            resolution=spec.resolution,
+            prompts=prompts(num_prompts),
+            images_per_prompt=batch,
+            sample_batch_size=batch,
+            train_batch_size=batch,
+            **overrides,
+        )
+        rollout = fixed_rollout(trainer)
+        yield FixedRound(trainer, rollout, torch.ones(len(rollout.indices)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,6 +215,12 @@ def trainer_for(model_path: str, output_dir: str, **overrides: Any):
 def set_threads(n: int = 1) -> None:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def bench_spec(quick: bool) -> ModelSpec:
+    """The model of a timing benchmark (``QUICK`` with --quick), with torch set to one thread."""
+    set_threads(1)
+    return QUICK if quick else BENCH
 
 
 # The machine these benchmarks were written on is shared with other jobs, so by default they time
@@ -261,51 +304,13 @@ def ratios(num: Sequence[float], den: Sequence[float]) -> Stat:
 
 
 # ------------------------------------------------------------------------------------------------
-# Peak resident memory of a child process
+# Child processes (the peak-RSS readings themselves are in bench/rss.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not permitted.
-    (getrusage's ru_maxrss cannot be reset, hence a fresh process per measured variant.)"""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 # glibc serves every block of at least this many bytes by mmap and unmaps it when freed. At 64 KiB
 # the small tensors of the smallest validation config still came from (and went back to) the heap
 # and were missed by up to 0.6 MiB; at 4 KiB RSS follows the live tensors to within a page.
 MMAP_THRESHOLD = 4096
-
-
-def return_freed_memory() -> None:
-    """What MALLOC_MMAP_THRESHOLD_ in ``child_env`` does, for an already running process."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_rss_bytes() -> int:
-    return _status_bytes("VmHWM")
 
 
 def child_env(threads: int = 1) -> dict[str, str]:
@@ -392,6 +397,11 @@ def load_note() -> str:
     )
 
 
+def timing_notes() -> list[str]:
+    """The last notes of a timing benchmark: which clock, and how loaded the machine was."""
+    return [clock_note(), load_note()]
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny model, 1 repetition: checks that it runs (tests)")
@@ -416,3 +426,10 @@ def emit(section: Section, args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(section), f, indent=1)
+
+
+def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Sequence[str]], default_reps: int) -> int:
+    """A timing benchmark's ``main``: parse the common options, ``run(quick, reps)``, print (and save) the section."""
+    args = parse(parser(doc.splitlines()[0]), argv)
+    emit(run(args.quick, reps_of(args, default_reps)), args)
+    return 0

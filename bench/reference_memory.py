@@ -15,32 +15,12 @@ state, lazy initialisation), then reset the kernel's peak-RSS mark and run the m
 from __future__ import annotations
 
 import copy
-import gc
-import json
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (
-    QUICK,
-    ModelSpec,
-    Section,
-    Stat,
-    emit,
-    load_note,
-    parser,
-    peak_rss_bytes,
-    prompts,
-    ratios,
-    reps_of,
-    reset_peak_rss,
-    return_freed_memory,
-    rss_bytes,
-    run_child,
-    saved_pipeline,
-    set_threads,
-)
+from bench.common import QUICK, ModelSpec, Section, Stat, fixed_round, load_note, ratios, saved_pipeline
+from bench.rss import MeasuredInChildren, peak_rss_of, start_measuring
 
 # Wider and deeper than BENCH so that the frozen weights (~300 MB fp32) weigh against the
 # interpreter and libraries (~0.5 GB resident) as the model dominates GPU memory at full scale.
@@ -66,42 +46,23 @@ def _trainer_class():
 
 def measure(variant: str, spec: ModelSpec) -> dict:
     """Peak RSS of one training micro-batch in this process (run it in a fresh one)."""
-    from bench.common import conv_reward, run_config
-    from bench.w2_overhead import fixed_rollout
-    from orw_diffusers.config import TrainConfig
-
-    set_threads(1)
-    return_freed_memory()
-    baseline = rss_bytes()  # interpreter + torch + diffusers + the library, no model yet
-    path = saved_pipeline(spec)
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            **run_config(
-                path,
-                out,
-                resolution=spec.resolution,
-                prompts=prompts(1),
-                images_per_prompt=2,
-                train_batch_size=2,
-                sample_batch_size=2,
-                w2_coefficient=0.0 if variant == "none" else 1.0,
-            )
-        )
-        trainer = _trainer_class()(cfg, reward_fn=conv_reward)
-        rollout = fixed_rollout(trainer)
-        weights = torch.ones(len(rollout.indices))
-        trainer.optimise(rollout, weights, 0)  # warm-up: optimizer state and lazy initialisation
+    baseline = start_measuring()  # interpreter + torch + diffusers + the library, no model yet
+    w2_coefficient = 0.0 if variant == "none" else 1.0
+    with fixed_round(spec, num_prompts=1, trainer_class=_trainer_class(), w2_coefficient=w2_coefficient) as rnd:
+        rnd.optimise()  # warm-up: optimizer state and lazy initialisation
         if variant == "deep_copy":
             # built before the reset: the peer holds this copy for the whole run
+            trainer = rnd.trainer
             trainer.reference_copy = copy.deepcopy(
                 trainer.accelerator.unwrap_model(trainer.transformer)
             ).requires_grad_(False)
-        gc.collect()
-        before = rss_bytes()
-        resettable = reset_peak_rss()
-        trainer.optimise(rollout, weights, 0)
-        peak = peak_rss_bytes()
-    return {"variant": variant, "baseline": baseline, "before": before, "peak": peak, "hwm_reset": resettable}
+        rss = peak_rss_of(rnd.optimise)
+    return {"variant": variant, "baseline": baseline, "before": rss.before, "peak": rss.peak, "hwm_reset": rss.reset}
+
+
+CHILDREN = MeasuredInChildren(
+    "bench.reference_memory", lambda variant, quick: measure(variant, QUICK if quick else MEMORY), VARIANTS
+)
 
 
 def run(quick: bool = False, reps: int = 5) -> Section:
@@ -110,11 +71,8 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rep in range(reps):
         order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]
-        for variant in order:
-            if quick:  # in-process: the peak-RSS reset makes this valid enough to check that it runs
-                results[variant].append(measure(variant, spec))
-            else:
-                results[variant].append(run_child("bench.reference_memory", ["--child", variant]))
+        for variant in order:  # with --quick in this process: the peak-RSS reset makes that valid enough
+            results[variant].append(CHILDREN.result(variant, quick))
     none = results["none"]
 
     def whole(v: str) -> Stat:
@@ -177,14 +135,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--child", choices=VARIANTS, default=None, help="(internal) measure one variant and print JSON")
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(args.child, QUICK if args.quick else MEMORY)))
-        return 0
-    emit(run(args.quick, reps_of(args, 5)), args)
-    return 0
+    return CHILDREN.main(run, __doc__, argv, default_reps=5)
 
 
 if __name__ == "__main__":

@@ -19,22 +19,16 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from bench.common import (
-    BENCH,
-    QUICK,
     Section,
     Stat,
     Stopwatch,
-    clock_note,
+    bench_spec,
     conv_reward,
-    emit,
     interleaved,
-    load_note,
-    parse,
-    parser,
     ratios,
-    reps_of,
+    run_main,
     saved_pipeline,
-    set_threads,
+    timing_notes,
     trainer_for,
 )
 
@@ -82,11 +76,11 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     from orw_diffusers import lora
     from orw_diffusers.flow import interpolate, target_velocity
 
-    set_threads(1)
-    spec = QUICK if quick else BENCH
-    path = saved_pipeline(spec)
+    spec = bench_spec(quick)
     with tempfile.TemporaryDirectory() as out:
-        trainer = trainer_for(path, out, resolution=spec.resolution, num_sampling_steps=4 if quick else 8)
+        trainer = trainer_for(
+            saved_pipeline(spec), out, resolution=spec.resolution, num_sampling_steps=4 if quick else 8
+        )
         cfg, family, model = trainer.cfg, trainer.family, trainer.unwrapped
         n = trainer.sizes.samples_per_process
         sb, tb = cfg.sample_batch_size, cfg.train_batch_size
@@ -232,8 +226,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         + "; ".join(f"{k} {v:.3f}" for k, v in found)
         + "."
     )
-    notes.append(clock_note())
-    notes.append(load_note())
+    notes += timing_notes()
     if not met:
         notes.append("Target missed: see the non-model costs above.")
     return Section(
@@ -312,9 +305,7 @@ def _direct_costs(trainer, reps: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse(parser(__doc__.splitlines()[0]), argv)
-    emit(run(args.quick, reps_of(args, 7)), args)
-    return 0
+    return run_main(run, __doc__, argv, default_reps=7)
 
 
 if __name__ == "__main__":

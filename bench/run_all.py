@@ -15,7 +15,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from bench.common import REPO, Section, child_env, machine_info
 
@@ -31,91 +32,69 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def _met(r: dict) -> bool:
+    return r["met"]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A benchmark's row of the summary, from the ``results`` of its section."""
+
+    figure: str
+    target: str
+    measured: Callable[[dict], str]
+    met: Callable[[dict], bool] = _met
+
+
+def _round_efficiency_measured(r: dict) -> str:
+    of_medians = f"; {r['overhead_of_medians']:.1%} from the medians" if "overhead_of_medians" in r else ""
+    return f"{r['overhead']:.1%} per repetition{of_medians}"
+
+
+HEADLINES: dict[str, Headline] = {
+    "w2_overhead": Headline(
+        "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
+        "≤ floor × 1.05",
+        lambda r: f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
+    ),
+    "reference_memory": Headline(
+        "peak memory of a step with / without the reference pass",
+        "≤ 1.05",
+        lambda r: f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
+    ),
+    "round_efficiency": Headline("round time / sum of its model computations − 1", "≤ 10%", _round_efficiency_measured),
+    "sampler_vs_diffusers": Headline(
+        "images/s ours / StableDiffusion3Pipeline", "≥ 1.0", lambda r: f"{r['speedup']:.3f}"
+    ),
+    "text_encoder_calls": Headline(
+        "text-encoder calls per round, 64 prompts x 4 images",
+        "0 after the first encoding",
+        lambda r: f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
+        lambda r: r["cached_per_round"] == 0,
+    ),
+    "two_processes": Headline(
+        "samples/s, 2 processes / 1 process",
+        "≥ 1.7",
+        lambda r: (
+            f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
+            f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)"
+        ),
+    ),
+    "planner_validation": Headline(
+        "planner activation estimate vs. measured peak (3 configs)",
+        "within ±20%",
+        lambda r: f"worst {r['max_abs_error']:.1%}",
+    ),
+}
+
+
 def _summary_rows(sections: dict[str, dict]) -> list[list[str]]:
     rows = [["promise", "figure", "target", "measured (median)", "met"]]
-
-    def yes(flag: bool) -> str:
-        return "yes" if flag else "**no**"
-
-    r = sections.get("w2_overhead", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["w2_overhead"],
-                "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
-                "≤ floor × 1.05",
-                f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
-                yes(r["met"]),
-            ]
-        )
-    r = sections.get("reference_memory", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["reference_memory"],
-                "peak memory of a step with / without the reference pass",
-                "≤ 1.05",
-                f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
-                yes(r["met"]),
-            ]
-        )
-    r = sections.get("round_efficiency", {}).get("results")
-    if r:
-        of_medians = f"; {r['overhead_of_medians']:.1%} from the medians" if "overhead_of_medians" in r else ""
-        rows.append(
-            [
-                BENCHMARKS["round_efficiency"],
-                "round time / sum of its model computations − 1",
-                "≤ 10%",
-                f"{r['overhead']:.1%} per repetition{of_medians}",
-                yes(r["met"]),
-            ]
-        )
-    r = sections.get("sampler_vs_diffusers", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["sampler_vs_diffusers"],
-                "images/s ours / StableDiffusion3Pipeline",
-                "≥ 1.0",
-                f"{r['speedup']:.3f}",
-                yes(r["met"]),
-            ]
-        )
-    r = sections.get("text_encoder_calls", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["text_encoder_calls"],
-                "text-encoder calls per round, 64 prompts x 4 images",
-                "0 after the first encoding",
-                f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
-                yes(r["cached_per_round"] == 0),
-            ]
-        )
-    r = sections.get("two_processes", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["two_processes"],
-                "samples/s, 2 processes / 1 process",
-                "≥ 1.7",
-                f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
-                f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)",
-                yes(r["met"]),
-            ]
-        )
-    r = sections.get("planner_validation", {}).get("results")
-    if r:
-        rows.append(
-            [
-                BENCHMARKS["planner_validation"],
-                "planner activation estimate vs. measured peak (3 configs)",
-                "within ±20%",
-                f"worst {r['max_abs_error']:.1%}",
-                yes(r["met"]),
-            ]
-        )
+    for name, promise in BENCHMARKS.items():
+        r = sections.get(name, {}).get("results")
+        if r:
+            h = HEADLINES[name]
+            rows.append([promise, h.figure, h.target, h.measured(r), "yes" if h.met(r) else "**no**"])
     return rows
 
 

@@ -15,23 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (
-    BENCH,
-    QUICK,
-    Section,
-    Stat,
-    clock_note,
-    emit,
-    interleaved,
-    load_note,
-    parse,
-    parser,
-    prompts,
-    ratios,
-    reps_of,
-    saved_pipeline,
-    set_threads,
-)
+from bench.common import Section, Stat, bench_spec, interleaved, prompts, ratios, run_main, saved_pipeline, timing_notes
 
 TARGET = 1.0
 MAX_SEQUENCE_LENGTH = 32  # zero T5 context tokens, as the trainer's runs without T5
@@ -41,8 +25,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     from orw_diffusers.models import LoadOptions, PromptCache, load_family
     from orw_diffusers.sampling import euler_sample
 
-    set_threads(1)
-    spec = QUICK if quick else BENCH
+    spec = bench_spec(quick)
     path = saved_pipeline(spec)
     family = load_family(LoadOptions(path, load_t5=False, max_sequence_length=MAX_SEQUENCE_LENGTH), torch.float32)
     pipe = family.pipeline
@@ -108,8 +91,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         "The transformer and VAE work is identical; our side skips the text encoding (cached) and the "
         "post-processing. Both are small here: the benchmark's CLIP encoders are tiny and there is no T5 (with "
         "SD3.5's T5-XXL, encoding 8 prompts costs about 1% of a 40-step CFG batch).",
-        clock_note(),
-        load_note(),
+        *timing_notes(),
     ]
     if not met:
         notes.append(
@@ -127,9 +109,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse(parser(__doc__.splitlines()[0]), argv)
-    emit(run(args.quick, reps_of(args, 15)), args)
-    return 0
+    return run_main(run, __doc__, argv, default_reps=15)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ vocabulary (characters plus whole-word merges for the words given).
 from __future__ import annotations
 
 import string
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+#: whole-word tokens of the tiny tokenizers (the tests' prompts are made of these)
+WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark")
 
 
 def clip_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
@@ -78,8 +80,15 @@ def sd3_transformer(
     joint_attention_dim: int = 32,
     pooled_projection_dim: int = 32,
     patch_size: int = 1,
+    qk_norm: Optional[str] = None,
+    dual_attention_layers: tuple[int, ...] = (),
+    pos_embed_max_size: Optional[int] = None,
     seed: int = 0,
 ):
+    """A tiny ``SD3Transformer2DModel``; ``qk_norm="rms_norm"`` and ``dual_attention_layers=(0,)`` are SD3.5's layout.
+
+    ``pos_embed_max_size`` defaults to ``max(sample_size, 16)``.
+    """
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -94,7 +103,9 @@ def sd3_transformer(
         joint_attention_dim=joint_attention_dim,
         caption_projection_dim=num_attention_heads * attention_head_dim,
         pooled_projection_dim=pooled_projection_dim,
-        pos_embed_max_size=max(sample_size, 16),
+        pos_embed_max_size=pos_embed_max_size if pos_embed_max_size is not None else max(sample_size, 16),
+        qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
 
 
@@ -127,7 +138,7 @@ def vae(
 
 
 def sd3_pipeline(
-    words: Iterable[str] = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark"),
+    words: Iterable[str] = WORDS,
     resolution: int = 16,
     vae_blocks: tuple[int, ...] = (8, 16),
     text_hidden: int = 16,
@@ -136,12 +147,20 @@ def sd3_pipeline(
     attention_head_dim: int = 8,
     num_attention_heads: int = 2,
     shift: float = 3.0,
+    latent_channels: int = 4,
+    patch_size: int = 1,
+    joint_attention_dim: Optional[int] = None,
+    qk_norm: Optional[str] = None,
+    dual_attention_layers: tuple[int, ...] = (),
+    vae_norm_groups: Optional[int] = None,
     seed: int = 0,
 ):
     """A complete ``StableDiffusion3Pipeline`` without T5, small enough for CPU tests.
 
-    Latents are ``4 x resolution/2^(len(vae_blocks)-1)`` squared. Save it with ``save_pretrained``
-    and load it back like any SD3 checkpoint (``text_encoder_3=None, tokenizer_3=None``).
+    Latents are ``latent_channels x resolution/2^(len(vae_blocks)-1)`` squared. Save it with
+    ``save_pretrained`` and load it back like any SD3 checkpoint (``text_encoder_3=None, tokenizer_3=None``).
+    ``joint_attention_dim`` defaults to the two CLIPs' concatenated width ``2 * text_hidden`` (a wider one
+    is zero-padded, as the missing T5 context is); ``vae_norm_groups`` to ``min(4, vae_blocks[0])``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -152,17 +171,29 @@ def sd3_pipeline(
     latent_size = resolution // 2 ** (len(vae_blocks) - 1)
     transformer = sd3_transformer(
         sample_size=latent_size,
+        in_channels=latent_channels,
         num_layers=transformer_layers,
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
-        joint_attention_dim=2 * text_hidden,
+        joint_attention_dim=joint_attention_dim or 2 * text_hidden,
         pooled_projection_dim=2 * text_hidden,
+        patch_size=patch_size,
+        qk_norm=qk_norm,
+        dual_attention_layers=dual_attention_layers,
+        pos_embed_max_size=max(latent_size // patch_size, 16),
         seed=seed + 3,
+    )
+    autoencoder = vae(
+        latent_channels=latent_channels,
+        block_out_channels=vae_blocks,
+        norm_num_groups=vae_norm_groups or min(4, vae_blocks[0]),
+        sample_size=resolution,
+        seed=seed + 4,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        vae=vae(block_out_channels=vae_blocks, norm_num_groups=min(4, vae_blocks[0]), sample_size=resolution, seed=seed + 4),
+        vae=autoencoder,
         text_encoder=te1,
         tokenizer=tok,
         text_encoder_2=te2,
@@ -264,7 +295,7 @@ def flux_transformer(
 
 
 def flux_pipeline(
-    words: Iterable[str] = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark"),
+    words: Iterable[str] = WORDS,
     resolution: int = 16,
     vae_blocks: tuple[int, ...] = (8, 16),
     latent_channels: int = 4,

@@ -8,19 +8,19 @@ import sys
 import pytest
 import torch
 
+from orw_diffusers import tiny
+
 torch.set_num_threads(1)  # 2 shared cores: avoid oversubscription stalls
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 TEST_REWARDS = os.path.join(REPO, "tests", "rewards_for_tests.py")
-TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "bright", "dark")
+TINY_WORDS = tiny.WORDS
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> str:
-    from orw_diffusers import tiny
-
     path = str(tmp_path_factory.mktemp("tiny-sd3") / "pipeline")
     tiny.sd3_pipeline(words=TINY_WORDS, seed=0).save_pretrained(path)
     return path
@@ -34,8 +34,6 @@ def pretrained_tiny_sd3_path(tmp_path_factory) -> str:
     A random transformer is not a fixed point of self-training (its own samples pull it elsewhere);
     a flow-matched one nearly is, so a reward's pull can be told apart from drift.
     """
-    from orw_diffusers import tiny
-
     torch.manual_seed(0)
     pipe = tiny.sd3_pipeline(words=TINY_WORDS, seed=0)
     transformer = pipe.transformer

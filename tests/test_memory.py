@@ -6,8 +6,9 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_run_config
 from orw_diffusers import memory
-from orw_diffusers.config import ConfigError
+from orw_diffusers.config import ConfigError, TrainConfig
 from orw_diffusers.memory import MemoryPlanner, PlanSettings, load_model_configs, parse_size
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
@@ -19,20 +20,9 @@ def tiny_planner(tiny_sd3_path) -> MemoryPlanner:
 
 
 def _tiny_settings(path: str, **overrides) -> PlanSettings:
-    values = dict(
-        model=path,
-        resolution=16,
-        train_batch_size=2,
-        sample_batch_size=2,
-        samples_per_process=8,
-        rank=4,
-        mixed_precision="no",
-        max_sequence_length=8,
-        guidance_scale=2.0,
-        rewards=(),
-    )
-    values.update(overrides)
-    return PlanSettings(**values)
+    """What the planner reads from the tests' tiny run config (8 samples, batches of 2), with ``overrides``."""
+    cfg = TrainConfig(**tiny_run_config(path, "unused-output-dir", train_batch_size=2, sample_batch_size=2))
+    return replace(PlanSettings.from_train_config(cfg), **overrides)
 
 
 def test_parse_size():

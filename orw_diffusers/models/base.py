@@ -59,6 +59,8 @@ class FlowFamily(ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
     #: why a dtype outside ``supported_dtypes`` is refused: one clause for the one-line config error
     precision_note: ClassVar[str] = ""
+    #: text encoders ``encode_prompts`` needs: fewer held means they were released
+    required_text_encoders: ClassVar[int] = 1
 
     def __init__(self, pipeline: Any, options: LoadOptions):
         self.pipeline = pipeline
@@ -99,9 +101,24 @@ class FlowFamily(ABC):
         return guidance_scale
 
     # --- the arrows of the data flow ----------------------------------------------------------
-    @abstractmethod
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        """Text -> conditioning ``[len(prompts), ...]`` (no cache here; see ``PromptCache``)."""
+        """Text -> conditioning ``[len(prompts), ...]`` (no cache here; see ``PromptCache``).
+
+        Moves the text encoders to ``device``, runs the family's ``_encode_prompts`` and counts the
+        prompts encoded in ``text_encoder_calls``.
+        """
+        encoders = self.text_encoders()
+        if len(encoders) < self.required_text_encoders:
+            raise RuntimeError("the text encoders were released; every prompt must be encoded before that")
+        for te in encoders:
+            te.to(device)
+        cond = self._encode_prompts(prompts, device)
+        self.text_encoder_calls += len(prompts)
+        return cond
+
+    @abstractmethod
+    def _encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """The pipeline's own prompt encoding, with the text encoders already on ``device``."""
 
     @abstractmethod
     def latent_shape(self, resolution: int) -> tuple[int, ...]:

@@ -31,6 +31,53 @@ logger = logging.getLogger(__name__)
 MAX_T5_SEQUENCE_LENGTH = 512
 
 
+def packed_side(seq_len: int) -> int:
+    """Tokens per side of a square packed latent of ``seq_len`` tokens."""
+    side = math.isqrt(seq_len)
+    if side * side != seq_len:
+        raise ValueError(f"packed latents of {seq_len} tokens are not square")
+    return side
+
+
+def transformer_velocity(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Conditioning,
+    guidance: Optional[float],
+) -> torch.Tensor:
+    """``FluxTransformer2DModel``'s call as ``FluxPipeline`` makes it: v(x_sigma, sigma, c).
+
+    latents: packed [B, seq_len, 4C]; sigmas: [B]; returns v [B, seq_len, 4C]. ``guidance`` feeds the
+    guidance embedding of a guidance-distilled model (FLUX.1-dev) and must be None for one without
+    (schnell). Shared by ``FluxFamily.predict_velocity`` and the memory planner (which calls it on meta tensors).
+    """
+    from diffusers import FluxPipeline
+
+    batch, seq_len, _ = latents.shape
+    side = packed_side(seq_len)
+    device, dtype = latents.device, latents.dtype
+    prompt_embeds = cond.tensors["prompt_embeds"]
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, device, dtype)  # [seq_len, 3]
+    txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)  # [T, 3]
+    # FLUX takes timestep = sigma. The pipeline passes scheduler.timesteps (sigma * 1000) cast to the
+    # latents' dtype, then / 1000; doing the same keeps bf16 rounding identical to FluxPipeline.
+    timestep = (sigmas.to(device, torch.float32) * 1000.0).to(dtype) / 1000
+    guidance_values = None
+    if guidance is not None:
+        guidance_values = torch.full((batch,), guidance, device=device, dtype=torch.float32)
+    return model(
+        hidden_states=latents,
+        timestep=timestep,
+        guidance=guidance_values,
+        pooled_projections=cond.tensors["pooled"],
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+
 class FluxFamily(FlowFamily):
     pipeline_class_names = ("FluxPipeline",)
     # The default of diffusers' FLUX DreamBooth LoRA script (examples/dreambooth/train_dreambooth_lora_flux.py):
@@ -55,6 +102,7 @@ class FluxFamily(FlowFamily):
         "FLUX's T5-XXL and transformer activations overflow float16 (max 65504) and give NaN or black images; "
         "FLUX is released in bf16: use mixed_precision: bf16"
     )
+    required_text_encoders = 2  # CLIP (pooled) and T5 (the sequence)
 
     def __init__(self, pipeline: Any, options: LoadOptions):
         super().__init__(pipeline, options)
@@ -107,13 +155,8 @@ class FluxFamily(FlowFamily):
         p = self.pipeline
         p.text_encoder = p.text_encoder_2 = None
 
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+    def _encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
         """-> prompt_embeds [B, max_sequence_length, t5_dim] (T5), pooled [B, clip_dim] (CLIP)."""
-        encoders = self.text_encoders()
-        if len(encoders) < 2:
-            raise RuntimeError("the text encoders were released; every prompt must be encoded before that")
-        for te in encoders:
-            te.to(device)
         # txt_ids (all zeros, [T, 3]) are not batched, so they are rebuilt in predict_velocity, not cached.
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
@@ -121,7 +164,6 @@ class FluxFamily(FlowFamily):
             device=device,
             max_sequence_length=self.options.max_sequence_length,
         )
-        self.text_encoder_calls += len(prompts)
         return Conditioning({"prompt_embeds": prompt_embeds, "pooled": pooled})
 
     # --- packed latents -------------------------------------------------------------------------
@@ -136,14 +178,6 @@ class FluxFamily(FlowFamily):
             )
         side = resolution // patch_px
         return (side * side, self.transformer.config.in_channels)
-
-    @staticmethod
-    def _packed_side(seq_len: int) -> int:
-        """Tokens per side of a square packed latent of ``seq_len`` tokens."""
-        side = math.isqrt(seq_len)
-        if side * side != seq_len:
-            raise ValueError(f"packed latents of {seq_len} tokens are not square")
-        return side
 
     def sampling_sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """As ``FluxPipeline.__call__``: linspace(1, 1/N, N) shifted by ``mu`` of the packed sequence length.
@@ -172,32 +206,12 @@ class FluxFamily(FlowFamily):
         self, model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         """latents: packed [B, seq_len, 4C]; sigmas: [B]; returns v [B, seq_len, 4C]."""
-        from diffusers import FluxPipeline
-
-        batch, seq_len, _ = latents.shape
-        side = self._packed_side(seq_len)
-        device, dtype = latents.device, latents.dtype
-        prompt_embeds = cond.tensors["prompt_embeds"]
-        img_ids = FluxPipeline._prepare_latent_image_ids(batch, side, side, device, dtype)  # [seq_len, 3]
-        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)  # [T, 3]
-        # FLUX takes timestep = sigma. The pipeline passes scheduler.timesteps (sigma * 1000) cast to the
-        # latents' dtype, then / 1000; doing the same keeps bf16 rounding identical to FluxPipeline.
-        timestep = (sigmas.to(device, torch.float32) * 1000.0).to(dtype) / 1000
         guidance = None
         if self.guidance_embeds:
             if self.embedded_guidance is None:
                 raise RuntimeError("FluxFamily.configure_guidance(guidance_scale) must be called before any forward")
-            guidance = torch.full((batch,), self.embedded_guidance, device=device, dtype=torch.float32)
-        return model(
-            hidden_states=latents,
-            timestep=timestep,
-            guidance=guidance,
-            pooled_projections=cond.tensors["pooled"],
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+            guidance = self.embedded_guidance
+        return transformer_velocity(model, latents, sigmas, cond, guidance)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents [B, seq_len, 4C] -> images float32 [B, 3, H, W] in [0, 1] (square)."""
@@ -205,7 +219,7 @@ class FluxFamily(FlowFamily):
 
         vae = self.vae
         scale = self.pipeline.vae_scale_factor
-        pixels = 2 * self._packed_side(latents.shape[1]) * scale
+        pixels = 2 * packed_side(latents.shape[1]) * scale
         latents = FluxPipeline._unpack_latents(latents, pixels, pixels, scale)  # [B, C, H/scale, W/scale]
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]

@@ -6,20 +6,41 @@ import torch
 
 from .base import Conditioning, FlowFamily, LoadOptions
 
+#: The attention projections of the joint blocks, as diffusers' SD3 DreamBooth LoRA script adapts them.
+#: FLUX's joint blocks name theirs alike (the memory planner's default for a FLUX transformer outside ``FluxPipeline``).
+JOINT_ATTENTION_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+def transformer_velocity(
+    model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
+    """``SD3Transformer2DModel``'s call: v(x_sigma, sigma, c). latents: [B, C, H, W]; sigmas: [B].
+
+    Shared by ``SD3Family.predict_velocity`` and the memory planner (which calls it on meta tensors).
+    """
+    # SD3 takes timestep = sigma * num_train_timesteps (1000), like the pipeline's scheduler.timesteps.
+    timestep = sigmas.to(latents.device, torch.float32) * 1000.0
+    return model(
+        hidden_states=latents,
+        timestep=timestep,
+        encoder_hidden_states=cond.tensors["prompt_embeds"],
+        pooled_projections=cond.tensors["pooled"],
+        return_dict=False,
+    )[0]
+
 
 class SD3Family(FlowFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
-    # The attention projections of the joint blocks, as diffusers' SD3 DreamBooth LoRA script adapts them.
-    lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    ]
+    lora_target_modules = list(JOINT_ATTENTION_TARGETS)
 
     @classmethod
     def load(cls, options: LoadOptions, weight_dtype: torch.dtype, model_index: dict) -> "SD3Family":
@@ -48,13 +69,8 @@ class SD3Family(FlowFamily):
         p = self.pipeline
         p.text_encoder = p.text_encoder_2 = p.text_encoder_3 = None
 
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+    def _encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
         """-> prompt_embeds [B, 77 + max_sequence_length, joint_dim], pooled [B, pooled_dim]."""
-        encoders = self.text_encoders()
-        if not encoders:
-            raise RuntimeError("the text encoders were released; every prompt must be encoded before that")
-        for te in encoders:
-            te.to(device)
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -63,7 +79,6 @@ class SD3Family(FlowFamily):
             do_classifier_free_guidance=False,
             max_sequence_length=self.options.max_sequence_length,
         )
-        self.text_encoder_calls += len(prompts)
         return Conditioning({"prompt_embeds": prompt_embeds, "pooled": pooled})
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
@@ -90,15 +105,7 @@ class SD3Family(FlowFamily):
     def predict_velocity(
         self, model: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        # SD3 takes timestep = sigma * num_train_timesteps (1000), like the pipeline's scheduler.timesteps.
-        timestep = sigmas.to(latents.device, torch.float32) * 1000.0
-        return model(
-            hidden_states=latents,
-            timestep=timestep,
-            encoder_hidden_states=cond.tensors["prompt_embeds"],
-            pooled_projections=cond.tensors["pooled"],
-            return_dict=False,
-        )[0]
+        return transformer_velocity(model, latents, sigmas, cond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
