@@ -46,7 +46,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (shifted + 0.05 * torch.randn(shifted.shape, generator=generator)).clamp(0, 1)
 
 
-def train_reward_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 12, seed: int = 0,
+def train_reward_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 40, seed: int = 0,
                             on_epoch: Optional[Callable[[], None]] = None) -> DigitCNN:
     """Train the reward CNN. images: float[N, 3, 16, 16] in [0, 1]; labels: long[N]. Returns it in eval mode."""
     generator = torch.Generator().manual_seed(seed)
