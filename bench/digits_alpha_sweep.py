@@ -92,10 +92,10 @@ def run_one(job: dict[str, Any]) -> None:
     train_seconds = time.perf_counter() - start
 
     from orw_diffusers import digits
+    from orw_diffusers.hub import read_metrics
     from orw_diffusers.rewards import build_reward
 
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out_dir)
     pipe = digits.load_digits_pipeline(job["base"])
     pipe.load_lora_weights(out_dir)
     n = job["num_eval"]

@@ -77,6 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"base model: {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     train_seconds = train(args.config, base, args.output_dir, extra, args.threads)
 
+    from .hub import read_metrics
     from .images import image_grid, plot_curves, save_image
     from .rewards import build_reward
 
@@ -90,8 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, images in (("before", before), ("after", after)):
         results[name] = digits.evaluate_images(images)
         results[name]["reward"] = reward(images, prompts).rewards.mean().item()
-    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(args.output_dir)
     results["train_seconds"] = train_seconds
     results["round_seconds"] = sum(row["seconds"] for row in rows)
     results["samples_seen"] = rows[-1]["samples_seen"]

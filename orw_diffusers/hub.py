@@ -51,7 +51,8 @@ class RunSummary:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_metrics(output_dir: str) -> list[dict]:
+def read_metrics(output_dir: str) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (one per round), or [] if it has none."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
@@ -75,7 +76,7 @@ def summarize_run(output_dir: str) -> RunSummary:
         raise FileNotFoundError(f"{output_dir!r} has no config.yaml: not the output_dir of a training run")
     with open(config_path) as f:
         config = yaml.safe_load(f) or {}
-    rows = _read_metrics(output_dir)
+    rows = read_metrics(output_dir)
     last = rows[-1] if rows else {}
     prompts = config.get("validation_prompts") or config.get("prompts") or []
     return RunSummary(
