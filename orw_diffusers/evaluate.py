@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from .hub import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -239,10 +240,7 @@ def find_metrics(lora: str) -> Optional[list[dict]]:
             path = hf_hub_download(lora, "metrics.jsonl")
         except Exception:  # no such file, offline, private: the curves are optional
             path = None
-    if path is None:
-        return None
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return None if path is None else read_metrics(os.path.dirname(path))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
