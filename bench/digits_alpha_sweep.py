@@ -1,6 +1,6 @@
 """The W2 coefficient (alpha) sweep of the digits demo: reward vs diversity vs distance to the base.
 
-    python -m bench.digits_alpha_sweep            # the full sweep (~24 min on 2 shared CPU cores), writes docs/results.md
+    python -m bench.digits_alpha_sweep            # the full sweep, 3 seeds (~37 min on 2 CPU cores), writes docs/results.md
     python -m bench.digits_alpha_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
 
 Each run is ``train_scripts/train_orw_cfm_w2.py --config configs/digits_even.yaml`` with overrides (a
@@ -301,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.digits_alpha_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="mini base in a temp cache, 2 rounds, 16 eval samples")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--control_seeds", type=int, nargs="+", default=[0], help="seeds of the control and the odd run")
     parser.add_argument("--odd_alpha", type=float, default=None, help="alpha of the odd run (default: the config's)")
     parser.add_argument("--num_epochs", type=int, default=None, help="rounds per run (default: the config's)")
