@@ -326,6 +326,23 @@ def _confident_share(probs: torch.Tensor) -> float:
     return (probs.max(1).values >= CONFIDENCE_THRESHOLD).float().mean().item()
 
 
+def judge_probs(images: torch.Tensor) -> torch.Tensor:
+    """The judge's class probabilities, float64[B, 10]. images: float[B, 3, 16, 16] in [0, 1]."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, DIGITS_RESOLUTION, DIGITS_RESOLUTION):
+        raise ValueError(f"images must be [B, 3, {DIGITS_RESOLUTION}, {DIGITS_RESOLUTION}], got {tuple(images.shape)}")
+    return torch.as_tensor(eval_classifier().predict_proba(_svc_features(images)))
+
+
+def even_entropy(histogram: torch.Tensor) -> float:
+    """Entropy in nats of a 10-class histogram restricted to the even classes (max ln 5 = 1.609; 0 if none is even)."""
+    even = histogram[0::2].double()
+    total = even.sum()
+    if total <= 0:
+        return 0.0
+    q = even[even > 0] / total
+    return float(-(q * q.log()).sum())
+
+
 def evaluate_images(images: torch.Tensor) -> dict:
     """Judge samples with the evaluation classifier. images: float[B, 3, 16, 16] in [0, 1].
 
@@ -334,19 +351,13 @@ def evaluate_images(images: torch.Tensor) -> dict:
     ``confident_share`` (max-prob >= CONFIDENCE_THRESHOLD), ``real_confident_share`` (the same on the
     real held-out digits) and ``relative_confident_share`` (their ratio: confidence is relative to the judge).
     """
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, DIGITS_RESOLUTION, DIGITS_RESOLUTION):
-        raise ValueError(f"images must be [B, 3, {DIGITS_RESOLUTION}, {DIGITS_RESOLUTION}], got {tuple(images.shape)}")
-    classifier = eval_classifier()
-    probs = torch.as_tensor(classifier.predict_proba(_svc_features(images)))  # [B, 10]
+    probs = judge_probs(images)
     heldout, _ = load_digit_images("heldout")
-    real_share = _confident_share(torch.as_tensor(classifier.predict_proba(_svc_features(heldout))))
+    real_share = _confident_share(judge_probs(heldout))
     histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)
-    even = histogram[0::2]
-    p_even = even.sum().item()
-    q = even[even > 0] / max(p_even, 1e-12)
     share = _confident_share(probs)
-    return {"histogram": [round(h, 4) for h in histogram.tolist()], "p_even": p_even,
-            "even_entropy": float(-(q * q.log()).sum()) if p_even > 0 else 0.0, "num_samples": len(probs),
+    return {"histogram": [round(h, 4) for h in histogram.tolist()], "p_even": histogram[0::2].sum().item(),
+            "even_entropy": even_entropy(histogram), "num_samples": len(probs),
             "confident_share": share, "real_confident_share": real_share, "relative_confident_share": share / real_share}
 
 
@@ -355,8 +366,8 @@ def evaluate_base(path: Optional[str] = None, num_generic: int = 1000, num_per_d
     pipe = load_digits_pipeline(path)
     report = {"generic": evaluate_images(generate_digits(pipe, [GENERIC_PROMPT] * num_generic, seed=seed))}
     prompts = [specific_prompt(d) for d in range(10) for _ in range(num_per_digit)]
-    predicted = eval_classifier().predict(_svc_features(generate_digits(pipe, prompts, seed=seed + 1)))
-    correct = torch.as_tensor(predicted).view(10, num_per_digit) == torch.arange(10).view(10, 1)
+    predicted = judge_probs(generate_digits(pipe, prompts, seed=seed + 1)).argmax(1)
+    correct = predicted.view(10, num_per_digit) == torch.arange(10).view(10, 1)
     report["specific_accuracy"] = [round(a, 4) for a in correct.double().mean(1).tolist()]
     report["specific_accuracy_mean"] = correct.double().mean().item()
     return report

@@ -34,16 +34,23 @@ def test_config_is_the_digits_setup():
     assert cfg["guidance_scale"] == digits.DIGITS_GUIDANCE_SCALE and cfg["load_t5"] is False
 
 
-def test_one_round_through_the_train_script(mini_base, tmp_path):
+@pytest.fixture(scope="module")
+def one_round(mini_base, tmp_path_factory):
+    """(exit code, output dir) of one round of configs/digits_even.yaml on the mini base, through the real script."""
     spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("digits_run") / "out"
     reward = json.dumps([{"name": "digit_even", "kwargs": {"base_path": mini_base}}])  # the mini base's CNN
     argv = ["--config", CONFIG, "--pretrained_model_name_or_path", mini_base, "--output_dir", str(out),
             "--num_epochs", "1", "--images_per_prompt", "4", "--sample_batch_size", "4", "--train_batch_size", "4",
             "--num_sampling_steps", "2", "--reward", reward]  # fmt: skip
-    assert script.main(argv) == 0
+    return script.main(argv), out
+
+
+def test_one_round_through_the_train_script(mini_base, one_round):
+    rc, out = one_round
+    assert rc == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["samples_seen"] == 4
     for key in ("reward_mean", "loss", "fm_loss", "w2_loss", "ess"):
@@ -70,3 +77,35 @@ def test_alpha_sweep_quick(mini_base, tmp_path):
     assert (tmp_path / "img" / "digits_base.png").exists()
     results = json.loads((tmp_path / "work" / "sweep_results.json").read_text())["results"]
     assert len(results) == 3 and all(math.isfinite(r["w2_final"]) for r in results)
+
+
+def test_reweighting_bound_and_transition_matrix():
+    from bench.digits_diagnostics import reweighting_bound, transition_matrix
+
+    labels = torch.tensor([0, 2, 4, 6, 8, 1, 3, 5, 7, 9])
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    flat = reweighting_bound(labels, rewards, 0.0)
+    assert flat["histogram"] == pytest.approx([0.1] * 10) and flat["ess"] == pytest.approx(10.0)
+    assert flat["p_even"] == pytest.approx(0.5) and flat["even_entropy"] == pytest.approx(math.log(5))
+    sharp = reweighting_bound(labels, rewards, 50.0)  # all weight on the five even samples, equally
+    assert sharp["p_even"] == pytest.approx(1.0) and sharp["ess"] == pytest.approx(5.0)
+    assert sharp["even_entropy"] == pytest.approx(math.log(5))
+    before, after = torch.tensor([2, 2, 2, 2, 5]), torch.tensor([2, 0, 0, 8, 5])
+    matrix = transition_matrix(before, after)
+    assert matrix[2].tolist() == pytest.approx([0.5, 0, 0.25, 0, 0, 0, 0, 0, 0.25, 0])
+    assert matrix[5, 5] == 1.0 and matrix[0].sum() == 0  # no sample of class 0: an empty row
+
+
+def test_diagnostics_report(mini_base, one_round, tmp_path):
+    from bench import digits_diagnostics
+
+    rc, out = one_round
+    assert rc == 0
+    output = tmp_path / "diagnostics.md"
+    assert digits_diagnostics.main(["--base", mini_base, "--loras", str(out), "--labels", "one round", "--num", "8",
+                                    "--temperatures", "1", "20", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| 20 |" in text and "**one round**" in text
+    assert text.count("| 9 (") == 1  # one transition matrix, ten rows
+    with pytest.raises(SystemExit):  # a folder without LoRA weights is refused before any sampling
+        digits_diagnostics.main(["--base", mini_base, "--loras", str(tmp_path), "--output", str(output)])
