@@ -166,15 +166,15 @@ def target_share(result: dict) -> float:
     return 1 - p_even if result["spec"]["target"] == "odd" else p_even
 
 
-def odd_entropy(histogram: list[float]) -> float:
-    odd = [h for h in histogram[1::2] if h > 0]
-    total = sum(odd)
-    return max(0.0, -sum(h / total * math.log(h / total) for h in odd)) if total > 0 else 0.0
-
-
 def target_entropy(result: dict) -> float:
+    import torch
+
+    from orw_diffusers.digits import subset_entropy
+
     r = result["report"]
-    return odd_entropy(r["histogram"]) if result["spec"]["target"] == "odd" else max(0.0, r["even_entropy"])
+    if result["spec"]["target"] == "odd":
+        return subset_entropy(torch.tensor(r["histogram"]), tuple(ODD_DIGITS))
+    return max(0.0, r["even_entropy"])  # results written before subset_entropy may hold -0.0
 
 
 def summary_line(result: dict) -> str:

@@ -55,6 +55,7 @@ CLASSIFIER_DIR = "classifiers"
 CONFIDENCE_THRESHOLD = 0.9
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0  # the held-out split never changes with the build seed
+EVEN_DIGITS = (0, 2, 4, 6, 8)
 
 
 def specific_prompt(digit: int) -> str:
@@ -333,14 +334,15 @@ def judge_probs(images: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(eval_classifier().predict_proba(_svc_features(images)))
 
 
-def even_entropy(histogram: torch.Tensor) -> float:
-    """Entropy in nats of a 10-class histogram restricted to the even classes (max ln 5 = 1.609; 0 if none is even)."""
-    even = histogram[0::2].double()
-    total = even.sum()
+def subset_entropy(histogram: torch.Tensor, classes: tuple[int, ...] = EVEN_DIGITS) -> float:
+    """Entropy in nats of a 10-class histogram restricted to ``classes`` and renormalised (max ln 5 = 1.609 for
+    five classes; 0 if they hold nothing). The demo's "even-class entropy" is the default."""
+    part = histogram.double()[list(classes)]
+    total = part.sum()
     if total <= 0:
         return 0.0
-    q = even[even > 0] / total
-    return float(-(q * q.log()).sum())
+    q = part[part > 0] / total
+    return max(0.0, float(-(q * q.log()).sum()))  # never -0.0
 
 
 def evaluate_images(images: torch.Tensor) -> dict:
@@ -357,7 +359,7 @@ def evaluate_images(images: torch.Tensor) -> dict:
     histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)
     share = _confident_share(probs)
     return {"histogram": [round(h, 4) for h in histogram.tolist()], "p_even": histogram[0::2].sum().item(),
-            "even_entropy": even_entropy(histogram), "num_samples": len(probs),
+            "even_entropy": subset_entropy(histogram), "num_samples": len(probs),
             "confident_share": share, "real_confident_share": real_share, "relative_confident_share": share / real_share}
 
 

@@ -26,10 +26,10 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from .checkpoint import LORA_WEIGHTS_NAME
 from .hub import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

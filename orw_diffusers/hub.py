@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+from .checkpoint import LORA_WEIGHTS_NAME
+
 CARD_NAME = "README.md"
 CARD_TAGS = ["diffusers", "lora", "orw-cfm-w2", "text-to-image"]
 #: files of output_dir that go to the Hub; checkpoints/, logs/ and all but one sample grid stay local

@@ -107,5 +107,7 @@ def test_diagnostics_report(mini_base, one_round, tmp_path):
     text = output.read_text()
     assert "| 20 |" in text and "**one round**" in text
     assert text.count("| 9 (") == 1  # one transition matrix, ten rows
-    with pytest.raises(SystemExit):  # a folder without LoRA weights is refused before any sampling
-        digits_diagnostics.main(["--base", mini_base, "--loras", str(tmp_path), "--output", str(output)])
+    for bad in (["--loras", str(tmp_path)], ["--num", "0"], ["--base", str(tmp_path)]):  # refused before any sampling
+        with pytest.raises(SystemExit) as exit_info:
+            digits_diagnostics.main(["--base", mini_base, *bad, "--output", str(output)])
+        assert exit_info.value.code == 2, bad
