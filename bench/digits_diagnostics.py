@@ -112,6 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--loras: no {LORA_WEIGHTS_NAME} in {missing}")
     if args.num < 1 or args.threads < 1:
         parser.error(f"--num and --threads must be >= 1, got {args.num} and {args.threads}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f"--output: the folder of {args.output!r} does not exist")
     if args.base and not os.path.isfile(os.path.join(args.base, "model_index.json")):
         parser.error(f"--base: {args.base!r} is not a saved pipeline (no model_index.json)")
 

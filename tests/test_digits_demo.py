@@ -107,7 +107,9 @@ def test_diagnostics_report(mini_base, one_round, tmp_path):
     text = output.read_text()
     assert "| 20 |" in text and "**one round**" in text
     assert text.count("| 9 (") == 1  # one transition matrix, ten rows
-    for bad in (["--loras", str(tmp_path)], ["--num", "0"], ["--base", str(tmp_path)]):  # refused before any sampling
+    bad_inputs = (["--loras", str(tmp_path)], ["--num", "0"], ["--base", str(tmp_path)],
+                  ["--output", str(tmp_path / "missing" / "d.md")])
+    for bad in bad_inputs:  # each refused before any sampling
         with pytest.raises(SystemExit) as exit_info:
-            digits_diagnostics.main(["--base", mini_base, *bad, "--output", str(output)])
+            digits_diagnostics.main(["--base", mini_base, "--output", str(output), *bad])
         assert exit_info.value.code == 2, bad
