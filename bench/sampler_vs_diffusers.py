@@ -1,7 +1,7 @@
 """Benchmark 4, sampler vs. Diffusers: images per second of our sampler against
 ``StableDiffusion3Pipeline.__call__`` on the same pipeline, steps, guidance, resolution and batch.
 
-Ours is what a round does: ``euler_sample`` with embeddings from the ``PromptCache`` (filled once,
+Ours is what a round does: ``sample_ode`` with embeddings from the ``PromptCache`` (filled once,
 before timing: that saving is counted on our side) and ``family.decode``. Diffusers' call encodes
 the prompts and the negative prompt every time, runs its scheduler loop and post-processes to a
 tensor (``output_type="pt"``). Both start from the same noise, so their images are compared too.
@@ -23,7 +23,7 @@ MAX_SEQUENCE_LENGTH = 32  # zero T5 context tokens, as the trainer's runs withou
 
 def run(quick: bool = False, reps: int = 5) -> Section:
     from orw_diffusers.models import LoadOptions, PromptCache, load_family
-    from orw_diffusers.sampling import euler_sample
+    from orw_diffusers.sampling import sample_ode
 
     spec = bench_spec(quick)
     path = saved_pipeline(spec)
@@ -41,7 +41,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     def ours() -> None:
         cond = cache.get(batch_prompts, torch.device("cpu"))
         uncond = cache.get([negative] * batch, torch.device("cpu"))
-        x1 = euler_sample(family, family.transformer, noise, cond, uncond, sigmas, guidance)
+        x1 = sample_ode(family, family.transformer, noise, cond, uncond, sigmas, guidance)
         with torch.no_grad():
             results["ours"] = family.decode(x1)
 
@@ -67,7 +67,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     table = [
         ["sampler", "images/s, median (min–max)", "seconds per batch", "speed vs. Diffusers", "target", "met"],
         [
-            "**ours**: PromptCache + euler_sample + family.decode",
+            "**ours**: PromptCache + sample_ode + family.decode",
             ips["ours"].fmt(3),
             Stat(times["ours"]).fmt(3),
             speedup.fmt(3),

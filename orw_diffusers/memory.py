@@ -808,7 +808,7 @@ class MemoryPlanner:
         return self._linear(key, batch or s.train_batch_size, trace_at)
 
     def sample_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
-        """Peak bytes of one Euler step of ``euler_sample`` with the sampler adapter (no grad)."""
+        """Peak bytes of one Euler step of ``sample_ode`` with the sampler adapter (no grad)."""
         from . import lora
         from .flow import euler_step, guided_velocity
 

@@ -29,7 +29,7 @@ from .loss import effective_sample_size, orw_cfm_w2_loss, reward_weights
 from .models import FlowFamily, LoadOptions, PromptCache, load_family
 from .prompts import load_prompts
 from .rewards import RewardOutput, build_reward, clean_scores
-from .sampling import euler_sample
+from .sampling import sample_ode
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +216,9 @@ class ORWCFMTrainer:
         model = self.unwrapped
         model.eval()
         with lora.sampler_adapter(model):
-            return euler_sample(
+            return sample_ode(
                 self.family, model, noise, cond, uncond, self.sampling_sigmas, self.sampling_guidance_scale,
-                self.accelerator.autocast,
+                self.accelerator.autocast, self.cfg.sampling_solver,
             )  # fmt: skip
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:

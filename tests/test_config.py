@@ -50,6 +50,7 @@ BAD_CASES = [
     ("pretrained_model_name_or_path", {"pretrained_model_name_or_path": "not a hub id"}, "not a hub id"),
     ("weight_normalization", {"weight_normalization": "softmax"}, "softmax"),
     ("sigma_sampling", {"sigma_sampling": "cosmap"}, "cosmap"),
+    ("sampling_solver", {"sampling_solver": "rk4"}, "rk4"),
     ("mixed_precision", {"mixed_precision": "fp8"}, "fp8"),
     ("rank", {"rank": 0}, "0"),
     ("learning_rate", {"learning_rate": "fast"}, "fast"),
