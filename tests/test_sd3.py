@@ -118,11 +118,15 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tm
 @pytest.mark.parametrize("solver, calls", [("euler", 3), ("heun", 5)])
 def test_rollouts_use_the_configured_solver(tiny_sd3_path, tmp_path, solver, calls):
     trainer = _trainer(tiny_sd3_path, tmp_path, num_sampling_steps=3, sampling_solver=solver)
-    seen = []
-    predict = trainer.family.predict_velocity
-    trainer.family.predict_velocity = lambda *args: seen.append(1) or predict(*args)
+    predict, calls_made = trainer.family.predict_velocity, []
+
+    def counting_predict(*args):
+        calls_made.append(1)
+        return predict(*args)
+
+    trainer.family.predict_velocity = counting_predict
     latents = trainer.sample_latents(["a red cat"], torch.tensor([0]), round_idx=0)
-    assert len(seen) == calls and torch.isfinite(latents).all()
+    assert len(calls_made) == calls and torch.isfinite(latents).all()
 
 
 def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_path):
