@@ -65,7 +65,7 @@ def test_sample_ode_heun_is_second_order_and_beats_euler_at_equal_model_calls(gu
 
     noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     cond, uncond = Conditioning({"s": torch.full((2,), 0.5)}), Conditioning({"s": torch.full((2,), 0.2)})
-    k = 0.2 + guidance * (0.5 - 0.2) if guidance > 1 else 0.5  # guided velocity = k * x
+    k = 0.2 + guidance * (0.5 - 0.2)  # guided velocity = k * x (guidance 1: the conditional 0.5)
     exact = noise * math.exp(-k)
 
     def error(steps, solver):
