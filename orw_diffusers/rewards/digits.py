@@ -111,7 +111,9 @@ def _class_set_reward(classes: list[int], device: str | torch.device, base_path:
 def digit_even(device: str | torch.device = "cpu", base_path: Optional[str] = None,
                cache_dir: Optional[str] = None) -> RewardFn:
     """Reward = P(the image is an even digit) under the reward CNN (the paper's MNIST "only even digits")."""
-    return _class_set_reward([0, 2, 4, 6, 8], device, base_path, cache_dir)
+    from ..digits import EVEN_DIGITS
+
+    return _class_set_reward(list(EVEN_DIGITS), device, base_path, cache_dir)
 
 
 def digit_in(device: str | torch.device = "cpu", digits: Iterable[int] = (), base_path: Optional[str] = None,
