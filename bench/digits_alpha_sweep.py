@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import yaml
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
@@ -305,6 +307,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--control_seeds", type=int, nargs="+", default=[0], help="seeds of the control and the odd run")
     parser.add_argument("--odd_alpha", type=float, default=None, help="alpha of the odd run (default: the config's)")
     parser.add_argument("--num_epochs", type=int, default=None, help="rounds per run (default: the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training override for every run, e.g. --set sampling_solver=heun (repeatable)")
     parser.add_argument("--num_eval", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--eval_steps", type=int, default=20)
@@ -319,6 +323,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     if args.one:
         with open(args.one) as f:
             run_one(json.load(f))
@@ -345,7 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = base or digits.ensure_digits_base()
     if args.num_epochs:
         extra["num_epochs"] = args.num_epochs
-    config = load_yaml(CONFIG)
+    extra.update(overrides)
+    config = {**load_yaml(CONFIG), **extra}  # what every run trains with (before its alpha and seed)
     start = time.perf_counter()
     if args.report_only:
         with open(os.path.join(work, "sweep_results.json")) as f:
@@ -365,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                              num_inference_steps=args.eval_steps)
         base_report = digits.evaluate_images(base_images)
         torch.save(base_images[:GRID_SAMPLES], os.path.join(work, "base_grid.pt"))
-        rounds = extra.get("num_epochs", config["num_epochs"])
+        rounds = config["num_epochs"]
         command = "python -m bench.digits_alpha_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(os.path.join(work, "sweep_results.json"), "w") as f:
             json.dump({"results": results, "base": base_report, "config": config, "num_eval": args.num_eval,
@@ -375,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     grids = write_grids(results, base_images, img_dir, work)
     settings = (f"`configs/digits_even.yaml` ({rounds} rounds of {config['images_per_prompt']} samples, "
                 f"temperature {config['temperature']:g}, LoRA rank {config['rank']}, lr {config['learning_rate']:g}, "
-                f"{config['num_sampling_steps']} sampling steps) with `w2_coefficient` = alpha; evaluation: "
+                f"{config['num_sampling_steps']} {config.get('sampling_solver', 'euler')} sampling steps) "
+                f"with `w2_coefficient` = alpha; evaluation: "
                 f"{args.num_eval} samples, {args.eval_steps} steps, guidance {digits.DIGITS_GUIDANCE_SCALE:g}, seed {args.eval_seed}")
     write_results(results, base_report, grids, args.output, command.strip(), settings)
     print(f"{len(results)}/{len(runs)} runs done in {time.perf_counter() - start:.0f} s; wrote {args.output} "

@@ -69,14 +69,19 @@ def test_alpha_sweep_quick(mini_base, tmp_path):
 
     output = tmp_path / "results.md"
     rc = digits_alpha_sweep.main(["--quick", "--base", mini_base, "--work_dir", str(tmp_path / "work"),
-                                  "--output", str(output)])
+                                  "--output", str(output), "--set", "sampling_solver=heun"])
     assert rc == 0
     text = output.read_text()
+    assert "2 heun sampling steps" in text  # --set reaches every run and the settings line
+    for run in ("alpha0-s0", "control-s0"):
+        assert yaml.safe_load((tmp_path / "work" / run / "config.yaml").read_text())["sampling_solver"] == "heun"
     for row in ("| alpha = 0 |", "| control: uniform weights, alpha = 0 |", "| odd digits, alpha = "):
         assert row in text, row
     assert (tmp_path / "img" / "digits_base.png").exists()
     results = json.loads((tmp_path / "work" / "sweep_results.json").read_text())["results"]
     assert len(results) == 3 and all(math.isfinite(r["w2_final"]) for r in results)
+    with pytest.raises(SystemExit):  # not KEY=VALUE: an argparse error before anything runs
+        digits_alpha_sweep.main(["--quick", "--set", "sampling_solver"])
 
 
 def test_reweighting_bound_and_transition_matrix():
