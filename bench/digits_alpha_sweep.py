@@ -32,6 +32,8 @@ TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 ODD_DIGITS = [1, 3, 5, 7, 9]
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SAMPLES = 48
+PER_RUN_KEYS = ("pretrained_model_name_or_path", "output_dir", "seed", "w2_coefficient", "log_w2_distance",
+                "weight_normalization", "reward")  # train_argv sets these for each run; --set may not
 
 
 @dataclass
@@ -323,11 +325,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
+    from orw_diffusers.config import field_names
+
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        if not sep or key not in field_names():
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
+        if key in PER_RUN_KEYS:
+            parser.error(f"--set {item!r}: the sweep sets {key} for each run ({', '.join(PER_RUN_KEYS)})")
         overrides[key] = yaml.safe_load(value)
     if args.one:
         with open(args.one) as f:

@@ -80,8 +80,9 @@ def test_alpha_sweep_quick(mini_base, tmp_path):
     assert (tmp_path / "img" / "digits_base.png").exists()
     results = json.loads((tmp_path / "work" / "sweep_results.json").read_text())["results"]
     assert len(results) == 3 and all(math.isfinite(r["w2_final"]) for r in results)
-    with pytest.raises(SystemExit):  # not KEY=VALUE: an argparse error before anything runs
-        digits_alpha_sweep.main(["--quick", "--set", "sampling_solver"])
+    for bad in ("sampling_solver", "sampling_solverr=heun", "w2_coefficient=0.5"):  # argparse errors, before any run
+        with pytest.raises(SystemExit):
+            digits_alpha_sweep.main(["--quick", "--set", bad])
 
 
 def test_reweighting_bound_and_transition_matrix():
