@@ -325,16 +325,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
-    from orw_diffusers.config import field_names
+    from orw_diffusers.config import ConfigError, from_dict, load_yaml
 
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep or key not in field_names():
+        if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
         if key in PER_RUN_KEYS:
             parser.error(f"--set {item!r}: the sweep sets {key} for each run ({', '.join(PER_RUN_KEYS)})")
         overrides[key] = yaml.safe_load(value)
+    try:  # unknown keys and wrong types, as the training script would report them
+        from_dict(overrides)
+    except ConfigError as e:
+        parser.error(f"--set: {e}")
     if args.one:
         with open(args.one) as f:
             run_one(json.load(f))
@@ -344,7 +348,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     torch.set_num_threads(args.threads)
     from orw_diffusers import digits
-    from orw_diffusers.config import load_yaml
 
     work = args.work_dir or tempfile.mkdtemp(prefix="digits-sweep-")
     extra: dict[str, Any] = {}
@@ -362,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.num_epochs:
         extra["num_epochs"] = args.num_epochs
     extra.update(overrides)
-    config = {**load_yaml(CONFIG), **extra}  # what every run trains with (before its alpha and seed)
+    config = from_dict({**load_yaml(CONFIG), **extra}).to_dict()  # every run's settings before its alpha and seed
     start = time.perf_counter()
     if args.report_only:
         with open(os.path.join(work, "sweep_results.json")) as f:
@@ -370,7 +373,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         results, base_report, runs = saved["results"], saved["base"], saved["results"]
         base_images = torch.load(os.path.join(work, "base_grid.pt"))
         config, args.num_eval, args.eval_steps, args.eval_seed, rounds = (
-            saved["config"], saved["num_eval"], saved["eval_steps"], saved["eval_seed"], saved["rounds"])
+            from_dict(saved["config"]).to_dict(), saved["num_eval"], saved["eval_steps"], saved["eval_seed"],
+            saved["rounds"])  # from_dict: a sweep saved before a config key existed reads with its default
         command = saved["command"]
     else:
         odd_alpha = args.odd_alpha if args.odd_alpha is not None else float(config["w2_coefficient"])
@@ -392,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     grids = write_grids(results, base_images, img_dir, work)
     settings = (f"`configs/digits_even.yaml` ({rounds} rounds of {config['images_per_prompt']} samples, "
                 f"temperature {config['temperature']:g}, LoRA rank {config['rank']}, lr {config['learning_rate']:g}, "
-                f"{config['num_sampling_steps']} {config.get('sampling_solver', 'euler')} sampling steps) "
+                f"{config['num_sampling_steps']} {config['sampling_solver']} sampling steps) "
                 f"with `w2_coefficient` = alpha; evaluation: "
                 f"{args.num_eval} samples, {args.eval_steps} steps, guidance {digits.DIGITS_GUIDANCE_SCALE:g}, seed {args.eval_seed}")
     write_results(results, base_report, grids, args.output, command.strip(), settings)

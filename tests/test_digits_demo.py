@@ -81,8 +81,9 @@ def test_alpha_sweep_quick(mini_base, tmp_path):
     results = json.loads((tmp_path / "work" / "sweep_results.json").read_text())["results"]
     assert len(results) == 3 and all(math.isfinite(r["w2_final"]) for r in results)
     for bad in ("sampling_solver", "sampling_solverr=heun", "w2_coefficient=0.5"):  # argparse errors, before any run
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_info:
             digits_alpha_sweep.main(["--quick", "--set", bad])
+        assert exit_info.value.code == 2
 
 
 def test_reweighting_bound_and_transition_matrix():
