@@ -325,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
-    from orw_diffusers.config import ConfigError, from_dict, load_yaml
+    from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import from_dict, load_yaml
 
     overrides: dict[str, Any] = {}
     for item in args.set:

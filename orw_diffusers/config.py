@@ -18,9 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value. Its message is one line naming the key, the value and what is accepted."""
+from .errors import ConfigError
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:

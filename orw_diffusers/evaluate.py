@@ -29,6 +29,7 @@ import yaml
 from .checkpoint import LORA_WEIGHTS_NAME
 from .hub import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
+from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -244,7 +245,6 @@ def find_metrics(lora: str) -> Optional[list[dict]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import ConfigError
     from .rewards import build_reward, parse_reward_spec
 
     args = parse_args(argv)

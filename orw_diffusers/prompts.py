@@ -7,13 +7,13 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 
 def _error(msg: str) -> Exception:
-    from .config import ConfigError
-
     return ConfigError(msg)
 
 

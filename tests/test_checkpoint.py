@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
 from orw_diffusers import checkpoint
-from orw_diffusers.config import ConfigError, TrainConfig, validate
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
 
 # A reward that hangs in its HANG_AT-th call (when the environment asks), after writing a marker

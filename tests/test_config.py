@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from conftest import TRAIN_SCRIPT, python, tiny_run_config
-from orw_diffusers.config import ConfigError, TrainConfig, derive_sizes, parse_args, validate
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import TrainConfig, derive_sizes, parse_args, validate
 from orw_diffusers.prompts import load_prompts
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import tiny_run_config
 from orw_diffusers import hub, push
-from orw_diffusers.config import ConfigError, TrainConfig, validate
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
 
 TOKEN = "hf_sentinel_token_that_must_never_appear"

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_run_config
-from orw_diffusers.config import ConfigError, TrainConfig, validate
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.images import image_grid, mean_pairwise_distance
 from orw_diffusers.trainer import ORWCFMTrainer
 

@@ -8,7 +8,8 @@ import yaml
 
 from conftest import tiny_run_config
 from orw_diffusers import memory
-from orw_diffusers.config import ConfigError, TrainConfig
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import TrainConfig
 from orw_diffusers.memory import MemoryPlanner, PlanSettings, load_model_configs, parse_size
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"

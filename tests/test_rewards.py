@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orw_diffusers.config import ConfigError
+from orw_diffusers.errors import ConfigError
 from orw_diffusers.rewards import (
     REWARDS,
     CompositeReward,

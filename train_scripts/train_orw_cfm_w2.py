@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from orw_diffusers.config import ConfigError, parse_args, validate
+from orw_diffusers.errors import ConfigError
+from orw_diffusers.config import parse_args, validate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import torch
 from .base import Conditioning, FlowFamily, LoadOptions, PromptCache, read_model_index
 from .flux import FluxFamily
 from .sd3 import SD3Family
+from ..errors import ConfigError
 
 FAMILIES: list[type[FlowFamily]] = [SD3Family, FluxFamily]
 
@@ -21,8 +22,6 @@ def family_for(pipeline_class_name: str) -> type[FlowFamily]:
         if pipeline_class_name in family.pipeline_class_names:
             return family
     supported = ", ".join(n for f in FAMILIES for n in f.pipeline_class_names)
-    from ..config import ConfigError
-
     raise ConfigError(f"pretrained_model_name_or_path: pipeline {pipeline_class_name!r} is not supported; supported: {supported}")
 
 
@@ -37,8 +36,6 @@ def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> FlowFamily:
 
 def _check_dtype(family: type[FlowFamily], mixed_precision: str, weight_dtype: torch.dtype) -> None:
     if weight_dtype not in family.supported_dtypes:
-        from ..config import ConfigError
-
         why = f": {family.precision_note}" if family.precision_note else ""
         raise ConfigError(f"mixed_precision: {mixed_precision} is not supported by {family.__name__}{why}")
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .base import Conditioning, FlowFamily, LoadOptions
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ class FluxFamily(FlowFamily):
     def load(cls, options: LoadOptions, weight_dtype: torch.dtype, model_index: dict) -> "FluxFamily":
         from diffusers import FluxPipeline
 
-        from ..config import ConfigError
-
         if not options.load_t5:
             raise ConfigError("load_t5: false is not supported by FLUX: T5's sequence is its only text context")
         if options.max_sequence_length > MAX_T5_SEQUENCE_LENGTH:
@@ -171,8 +170,6 @@ class FluxFamily(FlowFamily):
         """Packed ``(seq_len, 4 * latent_channels)``: ``((resolution / vae_scale_factor / 2)^2, 64)`` for FLUX."""
         patch_px = 2 * self.pipeline.vae_scale_factor  # pixels per packed token side
         if resolution % patch_px:
-            from ..config import ConfigError
-
             raise ConfigError(
                 f"resolution: {resolution} must be a multiple of {patch_px} for FLUX (2x2 latent packing)"
             )

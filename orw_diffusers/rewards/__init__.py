@@ -31,6 +31,7 @@ from typing import Any, Callable, Union
 import torch
 
 from .common import RewardError, as_dtype, clear_model_cache
+from ..errors import ConfigError
 
 __all__ = [
     "REWARDS",
@@ -100,8 +101,6 @@ class RewardSpec:
 
 
 def _config_error(msg: str) -> Exception:
-    from ..config import ConfigError
-
     return ConfigError(msg)
 
 
