@@ -141,12 +141,12 @@ def run_config(model_path: str, output_dir: str, **overrides: Any) -> dict:
 
 
 def trainer_for(model_path: str, output_dir: str, trainer_class: Optional[type] = None, **overrides: Any):
-    """An ``ORWCFMTrainer`` (or ``trainer_class``) on the benchmark pipeline with the conv reward."""
+    """An ``Trainer`` (or ``trainer_class``) on the benchmark pipeline with the conv reward."""
     from orw_diffusers.config import TrainConfig
-    from orw_diffusers.trainer import ORWCFMTrainer
+    from orw_diffusers.trainer import Trainer
 
     cfg = TrainConfig(**run_config(model_path, output_dir, **overrides))
-    return (trainer_class or ORWCFMTrainer)(cfg, reward_fn=conv_reward)
+    return (trainer_class or Trainer)(cfg, reward_fn=conv_reward)
 
 
 def fixed_rollout(trainer, seed: int = 0):
@@ -154,12 +154,13 @@ def fixed_rollout(trainer, seed: int = 0):
     from orw_diffusers.trainer import Rollout
 
     indices = trainer.local_indices()
-    round_prompts = trainer.round_prompts(0)
+    sample_prompts = trainer.sample_prompts(0)
     g = torch.Generator().manual_seed(seed)
     n = len(indices)
     return Rollout(
         latents=torch.randn((n, *trainer.latent_shape), generator=g).to(trainer.device, trainer.weight_dtype),
-        prompts=[round_prompts[int(i) % len(round_prompts)] for i in indices],
+        extras={},
+        prompts=[sample_prompts[int(i)] for i in indices],
         indices=indices,
         rewards=torch.zeros(n),
         components={},
@@ -172,7 +173,7 @@ def fixed_rollout(trainer, seed: int = 0):
 class FixedRound:
     """A trainer with one round of random latents and unit weights: ``optimise`` without sampling."""
 
-    trainer: Any  # ORWCFMTrainer
+    trainer: Any  # Trainer
     rollout: Any  # its Rollout, from fixed_rollout
     weights: torch.Tensor  # [n] ones
 

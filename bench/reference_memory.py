@@ -30,9 +30,9 @@ TARGET = 1.05
 
 
 def _trainer_class():
-    from orw_diffusers.trainer import ORWCFMTrainer
+    from orw_diffusers.trainer import Trainer
 
-    class CopiedReferenceTrainer(ORWCFMTrainer):
+    class CopiedReferenceTrainer(Trainer):
         """``optimise`` takes its reference model from ``unwrapped``; here that can be a frozen deep copy."""
 
         reference_copy: Optional[torch.nn.Module] = None

@@ -1,6 +1,6 @@
 """Benchmark 3, round efficiency: wall time of a whole round against the model computations in it.
 
-A round is ``ORWCFMTrainer.run_round`` + ``log`` (sample, decode, reward, weights, optimise, refresh,
+A round is ``Trainer.run_round`` + ``log`` (sample, decode, reward, weights, optimise, refresh,
 metrics). Its model computations are timed alone with the round's shapes: the transformer forwards
 of sampling (sampler adapter, no grad, CFG batch), VAE decodes, reward forwards, training forward +
 backward, reference forwards (adapters off, no grad). Overhead = round / sum of those - 1. The
@@ -43,17 +43,17 @@ PROFILE_CANDIDATES = {
     ("orw_diffusers/flow.py", "sample_sigmas"): "flow.sample_sigmas",
     ("orw_diffusers/flow.py", "euler_step"): "flow.euler_step",
     ("orw_diffusers/loss.py", "orw_cfm_w2_loss"): "loss.orw_cfm_w2_loss",
-    ("orw_diffusers/models/base.py", "get"): "PromptCache.get",
+    ("orw_diffusers/models/pipeline.py", "get"): "PromptCache.get",
     ("torch/optim/adam.py", "step"): "AdamW.step",
     ("torch/optim/adamw.py", "step"): "AdamW.step",
     ("accelerate/accelerator.py", "clip_grad_norm_"): "Accelerator.clip_grad_norm_",
     ("torch/optim/optimizer.py", "zero_grad"): "optimizer.zero_grad",
     ("orw_diffusers/trainer.py", "gather_global"): "trainer.gather_global",
-    ("orw_diffusers/trainer.py", "compute_weights"): "trainer.compute_weights",
+    ("orw_diffusers/objectives/orw.py", "signal"): "objective.signal (the weights)",
     ("orw_diffusers/trainer.py", "round_metrics"): "trainer.round_metrics (incl. diversity, gathers)",
-    ("orw_diffusers/trainer.py", "log_sample_grid"): "trainer.log_sample_grid (PNG)",
-    ("orw_diffusers/trainer.py", "write_sample_rewards"): "trainer.write_sample_rewards",
-    ("orw_diffusers/trainer.py", "log"): "trainer.log (metrics.jsonl)",
+    ("orw_diffusers/run_log.py", "sample_grid"): "run_log.sample_grid (PNG)",
+    ("orw_diffusers/run_log.py", "sample_rewards"): "run_log.sample_rewards",
+    ("orw_diffusers/run_log.py", "metrics"): "run_log.metrics (metrics.jsonl)",
     ("tqdm/std.py", "__init__"): "tqdm bars",
 }
 
@@ -98,7 +98,7 @@ def run(quick: bool = False, reps: int = 5) -> Section:
 
         def one_round() -> None:
             metrics = trainer.run_round(rounds[0])
-            trainer.log(metrics)
+            trainer.log.metrics(metrics)
             rounds[0] += 1
 
         one_round()  # warm-up (and the first round's lazy initialisation)
@@ -107,14 +107,14 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         prompts = trainer.round_prompts(0)
         x_s = torch.randn((sb * cfg_factor, *trainer.latent_shape), generator=g)
         sig_s = torch.full((sb * cfg_factor,), 0.5)
-        cond_s = trainer.prompt_cache.get((prompts * sb)[: sb * cfg_factor], trainer.device)
+        cond_s = trainer.family.prompt_cache.get((prompts * sb)[: sb * cfg_factor], trainer.device)
         latents_dec = torch.randn((sb, *trainer.latent_shape), generator=g)
         images = family.decode(latents_dec)
         x1 = torch.randn((tb, *trainer.latent_shape), generator=g)
         noise = torch.randn(x1.shape, generator=g)
         sig_t = torch.rand(tb, generator=g)
         x_t, v_target = interpolate(x1, noise, sig_t), target_velocity(x1, noise)
-        cond_t = trainer.prompt_cache.get((prompts * tb)[:tb], trainer.device)
+        cond_t = trainer.family.prompt_cache.get((prompts * tb)[:tb], trainer.device)
 
         def sample_fwd() -> float:
             model.eval()

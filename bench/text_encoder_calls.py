@@ -1,6 +1,6 @@
 """Benchmark 5, text encoders: text-encoder calls per round with the prompt cache against without it.
 
-With the cache: a real ``ORWCFMTrainer`` (64 prompts x 4 images), whose ``PromptCache`` encodes every
+With the cache: a real ``Trainer`` (64 prompts x 4 images), whose ``PromptCache`` encodes every
 unique prompt and the negative prompt once, before the text encoders are released. Without it: the
 loop a naive trainer would run on the same round, encoding each sample batch's prompts and its
 negative prompts for classifier-free guidance (as ``StableDiffusion3Pipeline.__call__`` does), and
@@ -26,7 +26,7 @@ def run(quick: bool = False, reps: int = 1) -> Section:
     from bench.common import conv_reward
     from orw_diffusers.config import TrainConfig
     from orw_diffusers.models import LoadOptions, load_family
-    from orw_diffusers.trainer import ORWCFMTrainer
+    from orw_diffusers.trainer import Trainer
 
     set_threads(1)
     path = saved_pipeline(QUICK)
@@ -47,12 +47,12 @@ def run(quick: bool = False, reps: int = 1) -> Section:
                 num_epochs=rounds,
             )
         )
-        trainer = ORWCFMTrainer(cfg, reward_fn=conv_reward)
+        trainer = Trainer(cfg, reward_fn=conv_reward)
         at_start = trainer.family.text_encoder_calls
         per_round_cached = []
         for r in range(rounds):
             before = trainer.family.text_encoder_calls
-            trainer.log(trainer.run_round(r))
+            trainer.log.metrics(trainer.run_round(r))
             per_round_cached.append(trainer.family.text_encoder_calls - before)
         samples = trainer.sizes.samples_per_process
 
@@ -86,7 +86,7 @@ def run(quick: bool = False, reps: int = 1) -> Section:
     notes = [
         f"{NUM_PROMPTS} prompts x {IMAGES_PER_PROMPT} images = {samples} samples per round, sample_batch_size "
         f"{sample_bs}, train_batch_size {train_bs}; a call = one prompt through every text encoder "
-        f"(family.text_encoder_calls). Measured over {rounds} real round(s) of ORWCFMTrainer.",
+        f"(family.text_encoder_calls). Measured over {rounds} real round(s) of Trainer.",
         f"Reduction per round: {naive_total} → {cached_round}; over 100 rounds "
         f"{100 * naive_total / max(at_start + 100 * cached_round, 1):.0f}x "
         f"fewer calls. After the cache is filled the text encoders are released (T5-XXL alone is ~9 GB in fp16).",

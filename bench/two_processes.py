@@ -49,13 +49,13 @@ def train_recording_cpu_seconds(argv: list[str]) -> int:
     ``<output_dir>/cpu_seconds_<rank>.json``: what a round would take with a core of its own."""
     import importlib.util
 
-    from orw_diffusers.trainer import ORWCFMTrainer
+    from orw_diffusers.trainer import Trainer
 
     spec = importlib.util.spec_from_file_location("train_orw_cfm_w2", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     cpu_seconds: list[float] = []
-    original = ORWCFMTrainer.run_round
+    original = Trainer.run_round
 
     def run_round(self, round_idx: int):
         start = time.process_time()
@@ -63,7 +63,7 @@ def train_recording_cpu_seconds(argv: list[str]) -> int:
         cpu_seconds.append(time.process_time() - start)
         return metrics
 
-    ORWCFMTrainer.run_round = run_round
+    Trainer.run_round = run_round
     code = script.main(argv)
     output_dir = argv[argv.index("--output_dir") + 1]
     with open(os.path.join(output_dir, f"cpu_seconds_{os.environ.get('RANK', '0')}.json"), "w") as f:

@@ -1,6 +1,6 @@
 """Benchmark 1, W2 overhead: an optimisation step with ``w2_coefficient > 0`` over the same step with 0.
 
-Both variants are the real ``ORWCFMTrainer.optimise`` on one fixed rollout of two micro-batches. The
+Both variants are the real ``Trainer.optimise`` on one fixed rollout of two micro-batches. The
 floor is what the method has to pay: ``(fwd + bwd + fwd_ref) / (fwd + bwd)`` with a training forward +
 backward and a no-grad reference forward (adapters disabled) each timed in isolation on the same
 micro-batch. Everything else in the step (noise, optimizer, clipping) is shared and pulls the
@@ -52,7 +52,7 @@ def run(quick: bool = False, reps: int = 7) -> Section:
         noise = torch.randn(latents.shape, generator=g).to(latents.dtype)
         sigmas = torch.rand(2, generator=g)
         x_t, v_target = interpolate(latents, noise, sigmas), target_velocity(latents, noise)
-        cond = trainer.prompt_cache.get(rollout.prompts[:2], trainer.device)
+        cond = trainer.family.prompt_cache.get(rollout.prompts[:2], trainer.device)
 
         def forward_backward() -> None:
             model.train()

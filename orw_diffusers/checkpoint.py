@@ -113,18 +113,6 @@ def read_state(directory: str) -> TrainerState:
 
 
 # --- adapters -----------------------------------------------------------------------------------
-def save_adapters(directory: str, family: Any, transformer: torch.nn.Module) -> None:
-    """Both adapters in diffusers format: the trained one at the top, the sampler in ``sampler/``."""
-    from . import lora
-
-    for adapter, target in ((lora.TRAINED, directory), (lora.SAMPLER, os.path.join(directory, SAMPLER_SUBDIR))):
-        state = {
-            k: v.detach().to("cpu", torch.float32).contiguous()
-            for k, v in lora.adapter_state_dict(transformer, adapter).items()
-        }
-        family.save_lora_weights(target, state, lora.adapter_metadata(transformer, adapter))
-
-
 def read_lora_file(path: str) -> dict[str, torch.Tensor]:
     """A diffusers LoRA file -> peft's adapter-free key names (what ``lora.adapter_state_dict`` returns)."""
     from safetensors.torch import load_file
@@ -134,15 +122,6 @@ def read_lora_file(path: str) -> dict[str, torch.Tensor]:
     if other:
         raise ValueError(f"{path}: only transformer LoRA weights are expected, found e.g. {other[0]!r}")
     return {k[len(_TRANSFORMER_PREFIX) :]: v for k, v in tensors.items()}
-
-
-def load_adapters(directory: str, transformer: torch.nn.Module) -> None:
-    """Copy both adapters saved by ``save_adapters`` into the model's adapters, in place (bit-exact;
-    the optimizer keeps pointing at the same parameters)."""
-    from . import lora
-
-    for adapter, source in ((lora.TRAINED, directory), (lora.SAMPLER, os.path.join(directory, SAMPLER_SUBDIR))):
-        lora.load_adapter_state_dict(transformer, read_lora_file(os.path.join(source, LORA_WEIGHTS_NAME)), adapter)
 
 
 # --- atomic save, rotation ----------------------------------------------------------------------
@@ -225,3 +204,51 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- Accelerate's save/load hooks ------------------------------------------------------------------
+# Keys that may change when resuming without making the run differ from an uninterrupted one.
+RESUME_FREE_KEYS = {
+    "resume_from_checkpoint", "num_epochs", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+    "report_to", "sample_log_interval", "validation_prompts", "validation_interval", "per_prompt_log_max",
+    "push_to_hub", "hub_model_id", "hub_private", "log_sample_rewards",
+}  # fmt: skip
+
+
+class StateHooks:
+    """Accelerate's save_state / load_state pre-hooks: the policy's weights and the trainer state.
+
+    ``save_state`` then writes the optimizer, scheduler, scaler and RNG states itself. Emptying its
+    ``weights`` / ``models`` lists keeps it from writing the full denoiser (gigabytes of frozen
+    weights) into every checkpoint.
+    ``state`` returns the ``TrainerState`` to write; ``rounds_done`` holds the restored round counter.
+    """
+
+    def __init__(self, accelerator: Any, policy: Any, model: Any, module: Any, state: Any, config: dict[str, Any]):
+        self.accelerator, self.policy, self.model, self.module = accelerator, policy, model, module
+        self.state, self.config = state, config
+        self.rounds_done = 0
+        accelerator.register_save_state_pre_hook(self.save_hook)
+        accelerator.register_load_state_pre_hook(self.load_hook)
+
+    def save_hook(self, models: list, weights: list, directory: str) -> None:
+        weights.clear()
+        if self.accelerator.is_main_process:
+            self.policy.save_checkpoint(directory, self.model, self.module())
+            write_state(directory, self.state())
+
+    def load_hook(self, models: list, directory: str) -> None:
+        """Every process: the policy's weights and the round counter."""
+        models.clear()  # nothing of the frozen model is in a checkpoint
+        self.policy.load_checkpoint(directory, self.module())
+        state = read_state(directory)
+        self.rounds_done = state.rounds_done
+        if self.accelerator.is_main_process:
+            now = self.config
+            changed = [k for k in now if k not in RESUME_FREE_KEYS and k in state.config and state.config[k] != now[k]]
+            for key in changed:
+                logger.warning(
+                    "resuming with %s=%r, the checkpoint was written with %r: the run will differ from an "
+                    "uninterrupted one",
+                    key, now[key], state.config[key],
+                )  # fmt: skip

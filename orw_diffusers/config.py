@@ -67,7 +67,13 @@ class TrainConfig:
     adam_weight_decay: float = _help("AdamW weight decay.", 1e-4)
     adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
     gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
-    # --- the method (ORW-CFM-W2) -------------------------------------------------------------
+    # --- the objective ---------------------------------------------------------------------
+    objective: str = _help(
+        "The training objective: 'orw_cfm_w2' (online reward-weighted CFM with W2 regularisation). A key of "
+        "another objective is an error.",
+        "orw_cfm_w2",
+    )
+    # --- ORW-CFM-W2 (objective: orw_cfm_w2) --------------------------------------------------
     w2_coefficient: float = _help("alpha: weight of the W2 term mean((v_ft - v_ref)^2). 0 = unregularised.", 1.0)
     temperature: float = _help("tau: reward weights are exp(temperature * reward), normalised.", 0.5)
     weight_normalization: str = _help(
@@ -75,6 +81,13 @@ class TrainConfig:
         "'none' (raw exp(temperature * r)), 'uniform' (all 1: reward-free control).",
         "batch",
     )
+    log_w2_distance: bool = _help(
+        "Run the reference pass even when w2_coefficient is 0, so w2_loss (the W2 bound) is measured.", False
+    )
+    sigma_sampling: str = _help("Training sigma distribution: 'uniform' (the paper) or 'logit_normal'.", "uniform")
+    logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
+    logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
+    # --- rollouts and optimisation (every objective) ------------------------------------------
     sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
     num_sampling_steps: int = _help(
         "ODE steps when sampling a round's images. Too few feed the solver's error back into training.",
@@ -88,13 +101,7 @@ class TrainConfig:
     )
     guidance_scale: float = _help("Classifier-free guidance scale when sampling (1 disables CFG).", 4.5)
     negative_prompt: str = _help("Negative prompt of classifier-free guidance.", "")
-    log_w2_distance: bool = _help(
-        "Run the reference pass even when w2_coefficient is 0, so w2_loss (the W2 bound) is measured.", False
-    )
     num_inner_epochs: int = _help("Passes over each round's samples.", 1)
-    sigma_sampling: str = _help("Training sigma distribution: 'uniform' (the paper) or 'logit_normal'.", "uniform")
-    logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
-    logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
     # --- prompts -----------------------------------------------------------------------------
     prompts: Optional[list[str]] = _help("Training prompts, inline.", None)
     prompt_file: Optional[str] = _help("Prompts file: .txt (one per line), .jsonl or .csv (column 'prompt').", None)
@@ -161,9 +168,6 @@ class TrainConfig:
 
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-WEIGHT_NORMALIZATIONS = ("batch", "per_prompt", "none", "uniform")
-SIGMA_SAMPLINGS = ("uniform", "logit_normal")
-SAMPLING_SOLVERS = ("euler", "heun")
 REWARD_DTYPES = ("float32", "float16", "bfloat16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -259,6 +263,9 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
         kwargs[key] = _coerce(key, value, hints[key])
         if key in _PATH_KEYS and isinstance(kwargs[key], str):
             kwargs[key] = os.path.expanduser(os.path.expandvars(kwargs[key]))
+    from .objectives import check_objective_keys
+
+    check_objective_keys(kwargs.get("objective", TrainConfig.objective), kwargs)
     return TrainConfig(**kwargs)
 
 
@@ -339,21 +346,15 @@ def check_model_path(path: str, key: str = "pretrained_model_name_or_path") -> N
 
 def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
     """Check every value and cross-field rule; return the derived sizes. Loads no model."""
+    from .objectives import validate_objective
     from .prompts import load_prompts
     from .rewards import parse_reward_spec
+    from .sampling import SAMPLING_SOLVERS
 
     _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
-    _check_choice("weight_normalization", cfg.weight_normalization, WEIGHT_NORMALIZATIONS)
-    _check_choice("sigma_sampling", cfg.sigma_sampling, SIGMA_SAMPLINGS)
+    validate_objective(cfg)
     _check_choice("sampling_solver", cfg.sampling_solver, SAMPLING_SOLVERS)
     _check_choice("report_to", cfg.report_to, REPORT_TO)
-    if not math.isfinite(cfg.w2_coefficient) or cfg.w2_coefficient < 0:
-        raise ConfigError(f"w2_coefficient: {cfg.w2_coefficient!r} must be >= 0 (0 disables the W2 term)")
-    if cfg.weight_normalization != "uniform" and (not math.isfinite(cfg.temperature) or cfg.temperature <= 0):
-        raise ConfigError(
-            f"temperature: {cfg.temperature!r} must be > 0 with exponential weights "
-            f"(weight_normalization={cfg.weight_normalization}); use weight_normalization: uniform for none"
-        )
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate: {cfg.learning_rate!r} must be > 0")
     if cfg.max_grad_norm < 0:
@@ -380,8 +381,6 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
     _check_choice("reward_dtype", cfg.reward_dtype, REWARD_DTYPES)
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
-    if cfg.logit_std <= 0:
-        raise ConfigError(f"logit_std: {cfg.logit_std!r} must be > 0")
     check_model_path(cfg.pretrained_model_name_or_path)
     from .models import check_model_precision
 

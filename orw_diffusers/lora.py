@@ -139,6 +139,11 @@ def adapter_state_dict(transformer: torch.nn.Module, adapter: str = TRAINED) -> 
     return get_peft_model_state_dict(transformer, adapter_name=adapter)
 
 
+def export_adapter(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict[str, torch.Tensor]:
+    """The adapter's weights as saved: CPU, float32, contiguous, peft's adapter-free key names."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(transformer, adapter).items()}
+
+
 def adapter_metadata(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict:
     """The adapter's LoRA config (rank, alpha, targets), saved beside the weights so loaders get the scale right."""
     return transformer.peft_config[adapter].to_dict()

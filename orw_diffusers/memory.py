@@ -772,7 +772,7 @@ class MemoryPlanner:
         return (s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
 
     def train_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
-        """Peak bytes of one training micro-batch, as ``ORWCFMTrainer.optimise`` runs it (gradients included)."""
+        """Peak bytes of one training micro-batch, as ``Trainer.optimise`` runs it (gradients included)."""
         from . import lora
         from .flow import interpolate, target_velocity
         from .loss import orw_cfm_w2_loss

@@ -17,7 +17,8 @@ from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
 from orw_diffusers import checkpoint
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 
 # A reward that hangs in its HANG_AT-th call (when the environment asks), after writing a marker
 # file, so the test knows the process is inside that round and can kill it there.
@@ -88,10 +89,10 @@ def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_pa
     assert not (killed / LORA_WEIGHTS_NAME).exists()
 
     # Resume (in-process, the hang is off here) and run the same config without interruption.
-    resumed = ORWCFMTrainer(TrainConfig(**values, resume_from_checkpoint="latest"))
+    resumed = Trainer(TrainConfig(**values, resume_from_checkpoint="latest"))
     assert resumed.start_round == 2
     resumed.train()
-    ORWCFMTrainer(TrainConfig(**{**values, "output_dir": str(straight)})).train()
+    Trainer(TrainConfig(**{**values, "output_dir": str(straight)})).train()
 
     _assert_same_tensors(load_file(str(killed / LORA_WEIGHTS_NAME)), load_file(str(straight / LORA_WEIGHTS_NAME)))
     trained = load_file(str(straight / LORA_WEIGHTS_NAME))
@@ -145,7 +146,7 @@ def test_checkpoint_holds_both_adapters_and_states_not_the_frozen_model(tiny_sd3
     values = tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), num_epochs=3, checkpointing_steps=1,
                              checkpoints_total_limit=2, sampler_update_interval=2, report_to="none")  # fmt: skip
     cfg = TrainConfig(**values)
-    trainer = ORWCFMTrainer(cfg)
+    trainer = Trainer(cfg)
     trainer.train()
     found = checkpoint.list_checkpoints(cfg.output_dir)
     assert [r for r, _ in found] == [2, 3]  # rotation: the oldest went, the newest stayed
@@ -180,7 +181,7 @@ def test_checkpoint_holds_both_adapters_and_states_not_the_frozen_model(tiny_sd3
 
 def test_a_round_draws_nothing_from_the_global_rng(tiny_sd3_path, tmp_path):
     """What makes a resume bitwise: all randomness comes from per-sample generators."""
-    trainer = ORWCFMTrainer(TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), report_to="none")))
+    trainer = Trainer(TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), report_to="none")))
     state = torch.get_rng_state()
     trainer.run_round(0)
     assert torch.equal(state, torch.get_rng_state())

@@ -9,7 +9,7 @@ from conftest import TEST_REWARDS, tiny_run_config
 from orw_diffusers import evaluate
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.flow import sample_generator
-from orw_diffusers.trainer import ORWCFMTrainer
+from orw_diffusers.trainer import Trainer
 
 PROMPTS = ["a red cat", "a blue dog"]
 
@@ -27,7 +27,7 @@ def test_report_of_a_trained_lora(tiny_sd3_path, tmp_path, capsys):
 
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "run"), num_epochs=2, learning_rate=1e-2,
                                         report_to="none", sample_log_interval=0))  # fmt: skip
-    ORWCFMTrainer(cfg).train()
+    Trainer(cfg).train()
     out = tmp_path / "eval"
     assert evaluate.main(_argv(tiny_sd3_path, cfg.output_dir, out)) == 0
     report = json.loads((out / "report.json").read_text())
@@ -58,7 +58,7 @@ def test_report_of_a_trained_lora(tiny_sd3_path, tmp_path, capsys):
 def test_an_untrained_lora_reproduces_the_base_images_exactly(tiny_sd3_path, tmp_path):
     """The fresh adapter is zero, so identical numbers prove base and fine-tuned use the same seeds."""
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "zero"), report_to="none"))
-    ORWCFMTrainer(cfg).save(cfg.output_dir)
+    Trainer(cfg).save(cfg.output_dir)
     out = tmp_path / "eval"
     assert evaluate.main(_argv(tiny_sd3_path, cfg.output_dir, out)) == 0
     report = json.loads((out / "report.json").read_text())

@@ -19,7 +19,9 @@ from orw_diffusers import lora
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.flow import per_sample_noise
 from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, STREAM_SAMPLING_NOISE, ORWCFMTrainer
+from orw_diffusers import streams
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 
 FAMILIES = ("sd3", "flux-dev", "flux-schnell")
 
@@ -62,25 +64,25 @@ def checkpoint(request) -> TinyCheckpoint:
     return TinyCheckpoint(request.getfixturevalue("tiny_flux_schnell_path"), "FluxFamily")
 
 
-def _trainer(checkpoint: TinyCheckpoint, tmp_path, **overrides) -> ORWCFMTrainer:
+def _trainer(checkpoint: TinyCheckpoint, tmp_path, **overrides) -> Trainer:
     from rewards_for_tests import darkness
 
     cfg = TrainConfig(**tiny_run_config(checkpoint.path, str(tmp_path / "out"), **overrides))
-    trainer = ORWCFMTrainer(cfg, reward_fn=darkness)
+    trainer = Trainer(cfg, reward_fn=darkness)
     assert type(trainer.family).__name__ == checkpoint.family
     return trainer
 
 
-def _probe(trainer: ORWCFMTrainer, n: int = 3):
+def _probe(trainer: Trainer, n: int = 3):
     """(x, sigmas, cond): random latents of the family's shape, sigmas in (0, 1), cached prompts."""
     g = torch.Generator().manual_seed(123)
     x = torch.randn((n, *trainer.latent_shape), generator=g)
     sigmas = torch.rand(n, generator=g)
-    cond = trainer.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
+    cond = trainer.family.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
     return x, sigmas, cond
 
 
-def _velocity(trainer: ORWCFMTrainer, model: torch.nn.Module, probe) -> torch.Tensor:
+def _velocity(trainer: Trainer, model: torch.nn.Module, probe) -> torch.Tensor:
     with torch.no_grad():
         return trainer.family.predict_velocity(model, *probe)
 
@@ -120,7 +122,7 @@ def test_prompt_cache_encodes_each_prompt_once_then_releases_encoders(checkpoint
     trainer.run_round(0)
     assert trainer.family.text_encoder_calls == 3
     with pytest.raises(KeyError, match="not in the prompt cache"):
-        trainer.prompt_cache.get(["an unseen prompt"], trainer.device)
+        trainer.family.prompt_cache.get(["an unseen prompt"], trainer.device)
 
 
 def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(checkpoint, tmp_path):
@@ -138,7 +140,7 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(checkpoint, tmp_p
     pipe = DiffusionPipeline.from_pretrained(checkpoint.path, **checkpoint.pipeline_kwargs)
     assert type(pipe) is type(trainer.family.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, STREAM_SAMPLING_NOISE), indices)
+    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, streams.SAMPLING_NOISE), indices)
     kwargs = dict(
         prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,
         guidance_scale=trainer.cfg.guidance_scale, height=16, width=16, output_type="pt", max_sequence_length=8,

@@ -21,7 +21,8 @@ from conftest import TRAIN_SCRIPT, tiny_run_config
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.models import FluxFamily, LoadOptions, check_model_precision, load_family
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 from test_family_contract import tiny_flux_dev_path, tiny_flux_schnell_path  # noqa: F401 (fixtures)
 
 
@@ -101,7 +102,7 @@ def test_trainer_feeds_the_same_guidance_to_sampling_and_training(tiny_flux_dev_
     from rewards_for_tests import brightness
 
     cfg = TrainConfig(**tiny_run_config(tiny_flux_dev_path, str(tmp_path / "out"), guidance_scale=3.0, num_epochs=1))
-    trainer = ORWCFMTrainer(cfg, reward_fn=brightness)
+    trainer = Trainer(cfg, reward_fn=brightness)
     calls = []
 
     def record(module, args, kwargs):

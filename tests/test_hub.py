@@ -9,7 +9,8 @@ from conftest import tiny_run_config
 from orw_diffusers import hub, push
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 
 TOKEN = "hf_sentinel_token_that_must_never_appear"
 
@@ -37,7 +38,7 @@ def _train(tiny_sd3_path, out, api, **overrides):
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(out), num_epochs=1, report_to="none",
                                         sample_log_interval=1, push_to_hub=True, **overrides))  # fmt: skip
     validate(cfg)
-    trainer = ORWCFMTrainer(cfg, hub_api=api)
+    trainer = Trainer(cfg, hub_api=api)
     return trainer, cfg
 
 

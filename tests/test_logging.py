@@ -14,12 +14,12 @@ from conftest import tiny_run_config
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.images import image_grid, mean_pairwise_distance
-from orw_diffusers.trainer import ORWCFMTrainer
+from orw_diffusers.trainer import Trainer
 
 
-def _trainer(tiny_sd3_path, tmp_path, reward_fn=None, **overrides) -> ORWCFMTrainer:
+def _trainer(tiny_sd3_path, tmp_path, reward_fn=None, **overrides) -> Trainer:
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), **overrides))
-    return ORWCFMTrainer(cfg, reward_fn=reward_fn)
+    return Trainer(cfg, reward_fn=reward_fn)
 
 
 def test_mean_pairwise_distance_closed_form():

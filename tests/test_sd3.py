@@ -8,21 +8,23 @@ from orw_diffusers import lora
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.flow import per_sample_noise
 from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, STREAM_SAMPLING_NOISE, ORWCFMTrainer
+from orw_diffusers import streams
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 
 
-def _trainer(tiny_sd3_path, tmp_path, **overrides) -> ORWCFMTrainer:
+def _trainer(tiny_sd3_path, tmp_path, **overrides) -> Trainer:
     from rewards_for_tests import darkness
 
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), **overrides))
-    return ORWCFMTrainer(cfg, reward_fn=darkness)
+    return Trainer(cfg, reward_fn=darkness)
 
 
 def _probe(trainer, n=3):
     g = torch.Generator().manual_seed(123)
     x = torch.randn((n, *trainer.latent_shape), generator=g)
     sigmas = torch.rand(n, generator=g)
-    cond = trainer.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
+    cond = trainer.family.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
     return x, sigmas, cond
 
 
@@ -88,7 +90,7 @@ def test_prompt_cache_encodes_each_prompt_once_then_releases_encoders(tiny_sd3_p
     trainer.run_round(0)
     assert trainer.family.text_encoder_calls == 3
     with pytest.raises(KeyError, match="not in the prompt cache"):
-        trainer.prompt_cache.get(["an unseen prompt"], trainer.device)
+        trainer.family.prompt_cache.get(["an unseen prompt"], trainer.device)
 
 
 def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tmp_path):
@@ -103,7 +105,7 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tm
         ours = trainer.family.decode(trainer.sample_latents(prompts, indices, round_idx=5))
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, STREAM_SAMPLING_NOISE), indices)
+    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, streams.SAMPLING_NOISE), indices)
     kwargs = dict(
         prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,
         guidance_scale=trainer.cfg.guidance_scale, height=16, width=16, output_type="pt", max_sequence_length=8,
@@ -135,13 +137,13 @@ def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_p
     trainer = _trainer(tiny_sd3_path, tmp_path, train_batch_size=2, num_inner_epochs=2)
     rollout = trainer.rollout(0)
     requested = []
-    get = trainer.prompt_cache.get
+    get = trainer.family.prompt_cache.get
 
     def spy(prompts, device):
         requested.append(list(prompts))
         return get(prompts, device)
 
-    trainer.prompt_cache.get = spy
+    trainer.family.prompt_cache.get = spy
     trainer.optimise(rollout, torch.ones(len(rollout.indices)), 0)
     micro_batches = [rollout.prompts[i : i + 2] for i in range(0, len(rollout.prompts), 2)]
     assert len(micro_batches) == 4 and requested == 2 * micro_batches

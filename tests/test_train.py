@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
 from orw_diffusers.config import TrainConfig
-from orw_diffusers.trainer import LORA_WEIGHTS_NAME, ORWCFMTrainer
+from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.trainer import Trainer
 
 def test_training_raises_the_reward_beyond_the_reward_free_control(pretrained_tiny_sd3_path, tmp_path):
     """Same seed, same pipeline: ORW-CFM with a reward that prefers images bright on the left ends
@@ -28,7 +29,7 @@ def test_training_raises_the_reward_beyond_the_reward_free_control(pretrained_ti
             w2_coefficient=0.0, images_per_prompt=8, sample_batch_size=8, train_batch_size=4, rank=8,
             guidance_scale=1.0, num_sampling_steps=8, **overrides,
         ))  # fmt: skip
-        trainer = ORWCFMTrainer(cfg, reward_fn=left_bright)
+        trainer = Trainer(cfg, reward_fn=left_bright)
         return [trainer.run_round(r)["reward_mean"] for r in range(cfg.num_epochs)]
 
     weighted = last_rounds_reward()

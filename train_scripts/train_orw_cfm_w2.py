@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("orw_diffusers").info("derived sizes: %s", sizes.describe())
 
     from orw_diffusers.hub import UPLOAD_FAILED_EXIT_CODE, HubUploadError
-    from orw_diffusers.trainer import ORWCFMTrainer  # heavy imports only once the config is valid
+    from orw_diffusers.trainer import Trainer  # heavy imports only once the config is valid
 
     try:
-        trainer = ORWCFMTrainer(cfg)
+        trainer = Trainer(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

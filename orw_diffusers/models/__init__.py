@@ -1,4 +1,4 @@
-"""Model families. A new family is one file here plus one entry in ``FAMILIES``."""
+"""Models behind the model seam. A new pipeline family is one file here plus one entry in ``FAMILIES``."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ from typing import Optional
 
 import torch
 
-from .base import Conditioning, FlowFamily, LoadOptions, PromptCache, read_model_index
+from .base import Conditioning, FlowModel
+from .pipeline import LoadOptions, PipelineFamily, PromptCache, read_model_index
 from .flux import FluxFamily
 from .sd3 import SD3Family
 from ..errors import ConfigError
 
-FAMILIES: list[type[FlowFamily]] = [SD3Family, FluxFamily]
+FAMILIES: list[type[PipelineFamily]] = [SD3Family, FluxFamily]
 
 # The run config's mixed_precision values and the weight dtype each means (as the trainer maps them).
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def family_for(pipeline_class_name: str) -> type[FlowFamily]:
+def family_for(pipeline_class_name: str) -> type[PipelineFamily]:
     for family in FAMILIES:
         if pipeline_class_name in family.pipeline_class_names:
             return family
@@ -25,7 +26,7 @@ def family_for(pipeline_class_name: str) -> type[FlowFamily]:
     raise ConfigError(f"pretrained_model_name_or_path: pipeline {pipeline_class_name!r} is not supported; supported: {supported}")
 
 
-def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> FlowFamily:
+def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> PipelineFamily:
     """Detect the family from ``model_index.json`` and load the pipeline on CPU in ``weight_dtype``."""
     index = read_model_index(options.pretrained_model_name_or_path, options.revision)
     family = family_for(index.get("_class_name", "<missing _class_name>"))
@@ -34,7 +35,7 @@ def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> FlowFamily:
     return family.load(options, weight_dtype, index)
 
 
-def _check_dtype(family: type[FlowFamily], mixed_precision: str, weight_dtype: torch.dtype) -> None:
+def _check_dtype(family: type[PipelineFamily], mixed_precision: str, weight_dtype: torch.dtype) -> None:
     if weight_dtype not in family.supported_dtypes:
         why = f": {family.precision_note}" if family.precision_note else ""
         raise ConfigError(f"mixed_precision: {mixed_precision} is not supported by {family.__name__}{why}")
@@ -58,6 +59,6 @@ def check_model_precision(path_or_id: str, revision: Optional[str], mixed_precis
 
 
 __all__ = [
-    "Conditioning", "FlowFamily", "LoadOptions", "PromptCache", "SD3Family", "FluxFamily", "FAMILIES",
+    "Conditioning", "FlowModel", "PipelineFamily", "LoadOptions", "PromptCache", "SD3Family", "FluxFamily", "FAMILIES",
     "load_family", "family_for", "check_model_precision",
 ]  # fmt: skip

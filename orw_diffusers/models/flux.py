@@ -1,6 +1,6 @@
 """The FLUX.1 family: FLUX.1-dev and FLUX.1-schnell (``FluxPipeline``), in bf16 or fp32 only.
 
-What differs from SD3, all of it behind ``FlowFamily``:
+What differs from SD3, all of it behind ``PipelineFamily``:
 
 - **Packed latents.** The transformer sees the VAE latent ``[C, H, W]`` as 2x2 patches packed into a
   sequence ``[(H/2)*(W/2), 4C]`` (64 wide for FLUX's 16 latent channels). ``latent_shape`` is this packed
@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from .base import Conditioning, FlowFamily, LoadOptions
+from .base import Conditioning
+from .pipeline import LoadOptions, PipelineFamily
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def transformer_velocity(
     )[0]
 
 
-class FluxFamily(FlowFamily):
+class FluxFamily(PipelineFamily):
     pipeline_class_names = ("FluxPipeline",)
     # The default of diffusers' FLUX DreamBooth LoRA script (examples/dreambooth/train_dreambooth_lora_flux.py):
     # attention projections of both streams plus the feed-forwards of the double-stream blocks.

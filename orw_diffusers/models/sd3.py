@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, FlowFamily, LoadOptions
+from .base import Conditioning
+from .pipeline import LoadOptions, PipelineFamily
 
 #: The attention projections of the joint blocks, as diffusers' SD3 DreamBooth LoRA script adapts them.
 #: FLUX's joint blocks name theirs alike (the memory planner's default for a FLUX transformer outside ``FluxPipeline``).
@@ -38,7 +39,7 @@ def transformer_velocity(
     )[0]
 
 
-class SD3Family(FlowFamily):
+class SD3Family(PipelineFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     lora_target_modules = list(JOINT_ATTENTION_TARGETS)
 

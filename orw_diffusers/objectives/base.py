@@ -1,0 +1,103 @@
+"""The objective seam: what a rollout records, how rewards become the training signal, and the
+losses of one micro-batch. The round loop talks to this interface only and never names an objective.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Optional
+
+import torch
+
+from ..sampling import VelocityField
+
+
+@dataclass
+class RolloutRecord:
+    """What the objective's sampler returns for one sample batch."""
+
+    latents: torch.Tensor  # [n, *latent_shape] clean x1
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, ...], objective-specific
+
+
+@dataclass
+class Signal:
+    """The training signal of the global batch, computed from its rewards."""
+
+    values: torch.Tensor  # [B] float32 CPU, global sample order (ORW: weights)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, logged once per round
+
+
+@dataclass
+class MicroBatch:
+    """One training micro-batch on this process; every tensor is on the training device."""
+
+    round_idx: int
+    inner_epoch: int
+    seed: int
+    indices: torch.Tensor  # [b] long, global sample indices (the keys of per-sample random streams)
+    latents: torch.Tensor  # [b, *latent_shape] clean x1
+    signal: torch.Tensor  # [b] this batch's rows of Signal.values
+    extras: dict[str, torch.Tensor]  # rows of RolloutRecord.extras
+
+
+@dataclass
+class StepLoss:
+    """One loss to back-propagate, with its own metrics (detached scalars, averaged over the round)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass
+class Fields:
+    """The trained velocity field of a micro-batch: the policy's (with grad) and the reference's (no grad).
+
+    Both are the field the sampler integrates (guided or not, as the run trains it), for the
+    micro-batch's conditioning.
+    """
+
+    policy: VelocityField
+    reference: VelocityField
+
+
+class Objective(ABC):
+    """One training objective. Its config keys are its own: a key of another objective is an error."""
+
+    name: ClassVar[str]
+    #: the run-config keys that belong to this objective
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    #: metrics shown on the rounds progress bar, besides the reward
+    progress_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @classmethod
+    @abstractmethod
+    def validate(cls, cfg: Any) -> None:
+        """Check this objective's keys; raise ``ConfigError`` with a one-line message."""
+
+    @abstractmethod
+    def rollout(
+        self, field_fn: VelocityField, noise: torch.Tensor, sigmas: torch.Tensor, solver: str,
+        indices: torch.Tensor, round_idx: int,
+    ) -> RolloutRecord:  # fmt: skip
+        """Generate x1 [n, *shape] from ``noise`` with the sampler's field, recording what training needs."""
+
+    @abstractmethod
+    def signal(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> Signal:
+        """rewards: [B] of the global batch; group_ids: [B] the prompt of each sample."""
+
+    @abstractmethod
+    def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
+        """The losses of one micro-batch, each to back-propagate as it comes (gradients accumulate)."""
+
+    def needs_reference(self) -> bool:
+        """Whether ``losses`` calls the reference field (a second forward)."""
+        return True
+
+
+def slice_extras(extras: dict[str, torch.Tensor], rows: torch.Tensor, device: Optional[torch.device] = None) -> dict:
+    return {k: (v[rows] if device is None else v[rows].to(device)) for k, v in extras.items()}
