@@ -101,6 +101,13 @@ class TrainConfig:
     )
     guidance_scale: float = _help("Classifier-free guidance scale when sampling (1 disables CFG).", 4.5)
     negative_prompt: str = _help("Negative prompt of classifier-free guidance.", "")
+    cfg_training: str = _help(
+        "Which velocity the loss trains with classifier-free guidance (guidance_scale > 1 on a true-CFG family such "
+        "as SD3): 'guided' (v_u + g (v_c - v_u), the field the rollouts integrate; both branches in one batched "
+        "forward) or 'conditional' (v_c alone: the trained field is not the sampled one, and the change can run "
+        "away). No effect without true CFG (FLUX.1-dev embeds its guidance).",
+        "guided",
+    )
     num_inner_epochs: int = _help("Passes over each round's samples.", 1)
     # --- prompts -----------------------------------------------------------------------------
     prompts: Optional[list[str]] = _help("Training prompts, inline.", None)
@@ -169,6 +176,7 @@ class TrainConfig:
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REWARD_DTYPES = ("float32", "float16", "bfloat16")
+CFG_TRAININGS = ("guided", "conditional")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -355,6 +363,7 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
     validate_objective(cfg)
     _check_choice("sampling_solver", cfg.sampling_solver, SAMPLING_SOLVERS)
     _check_choice("report_to", cfg.report_to, REPORT_TO)
+    _check_choice("cfg_training", cfg.cfg_training, CFG_TRAININGS)
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate: {cfg.learning_rate!r} must be > 0")
     if cfg.max_grad_norm < 0:

@@ -107,6 +107,15 @@ class Trainer:
         # The true-CFG scale of the sampler: guidance_scale itself (SD3), or 1 for a guidance-distilled
         # family (FLUX.1-dev), which feeds guidance_scale to its guidance embedding in every forward instead.
         self.sampling_guidance_scale = model.configure_guidance(cfg.guidance_scale)
+        # The loss trains the field the sampler integrates (guided), unless asked for the conditional branch.
+        self.training_guidance_scale = self.sampling_guidance_scale if cfg.cfg_training == "guided" else 1.0
+        if self.sampling_guidance_scale > 1 and cfg.cfg_training == "conditional" and acc.is_main_process:
+            logger.warning(
+                "cfg_training: conditional with guidance_scale %g: the loss fits and regularises v_c while the "
+                "rollouts integrate v_u + g (v_c - v_u), so w2_loss does not bound the sampled distribution and "
+                "the change can run away; cfg_training: guided trains the sampled field",
+                self.sampling_guidance_scale,
+            )
         self.validation_prompts = list(cfg.validation_prompts or [])
         model.prepare(self.prompts + self.validation_prompts, cfg.negative_prompt, self.device)
         # Index i of reward_by_prompt/<i>: line i of output_dir/prompts.txt (the unique training prompts).
@@ -215,15 +224,21 @@ class Trainer:
             yield guided_field(family, net, cond, uncond, self.sampling_guidance_scale, self.accelerator.autocast)
 
     def training_fields(self, prompts: list[str]) -> Fields:
-        """The policy's velocity (with grad) and the reference's, for a micro-batch of ``prompts``."""
-        family, autocast = self.family, self.accelerator.autocast
+        """The policy's velocity (with grad) and the reference's, for a micro-batch of ``prompts``.
+
+        With ``cfg_training: guided`` both are the guided field the sampler integrates (the two
+        branches batched, gradients through both), so ``w2_loss`` bounds the distance between the
+        distributions actually sampled; otherwise the conditional branch alone.
+        """
+        family, autocast, g = self.family, self.accelerator.autocast, self.training_guidance_scale
         # the micro-batch's embeddings only: the round's would make peak memory grow with the round
         cond = family.conditioning(prompts, self.device)
-        policy = guided_field(family, self.transformer, cond, None, 1.0, autocast)
+        uncond = family.negative_conditioning(len(prompts), self.device) if g > 1 else None
+        policy = guided_field(family, self.transformer, cond, uncond, g, autocast)
 
         def reference(latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             with self.policy.reference(self.unwrapped) as net:
-                return guided_field(family, net, cond, None, 1.0, autocast)(latents, sigmas)
+                return guided_field(family, net, cond, uncond, g, autocast)(latents, sigmas)
 
         return Fields(policy=policy, reference=reference)
 
