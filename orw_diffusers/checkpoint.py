@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -125,6 +126,19 @@ def read_lora_file(path: str) -> dict[str, torch.Tensor]:
 
 
 # --- atomic save, rotation ----------------------------------------------------------------------
+def maybe_save(accelerator: Any, cfg: Any, rounds_done: int) -> Optional[str]:
+    """Every ``checkpointing_steps`` rounds and after the last round (so a run can be extended). Every process."""
+    steps = cfg.checkpointing_steps
+    if not steps or (rounds_done % steps and rounds_done != cfg.num_epochs):
+        return None
+    t0 = time.perf_counter()
+    path = save_checkpoint(accelerator, cfg.output_dir, rounds_done, cfg.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+        logger.info("checkpoint %s: %.1f MB in %.2f s", path, size / 2**20, time.perf_counter() - t0)
+    return path
+
+
 def save_checkpoint(accelerator: Any, output_dir: str, rounds_done: int, total_limit: Optional[int]) -> str:
     """``accelerator.save_state`` into a temporary directory, renamed to ``checkpoint-NNNNNN`` when
     every process has written its part; then rotation. Call on every process. Returns the path."""

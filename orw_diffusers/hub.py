@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -227,3 +228,21 @@ def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any =
             f"card are on disk in {output_dir}. Retry with: {retry_command(output_dir, repo_id, private)}"
         ) from e
     return resolved
+
+
+def publish(cfg: Any, summary: str, api: Any = None) -> None:
+    """After the weights are saved (main process): the model card, the Hub upload if asked, and ``summary``.
+
+    A failed upload prints the retry command and raises ``HubUploadError`` (the run exits non-zero);
+    the weights and the card are on disk either way.
+    """
+    write_model_card(cfg.output_dir, cfg.hub_model_id if cfg.push_to_hub else None)
+    where = ""
+    if cfg.push_to_hub:
+        try:
+            repo_id = push_to_hub(cfg.output_dir, cfg.hub_model_id, private=cfg.hub_private, api=api)
+        except HubUploadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise
+        where = f"; on the Hub as {repo_id}: pipe.load_lora_weights({repo_id!r})"
+    print(summary + where)

@@ -7,6 +7,7 @@ A resumed run cuts the per-round logs back to the rounds before its checkpoint a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Optional
@@ -108,3 +109,31 @@ def truncate_jsonl(path: str, key: str, keep_below: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(rows)
     os.replace(tmp, path)
+
+
+def reward_by_prompt(
+    rewards: torch.Tensor, sample_prompts: list[str], prompt_ids: dict[str, int], max_prompts: int
+) -> dict[str, float]:
+    """``reward_by_prompt/<i>``: the mean reward [B] of each prompt of the round (i: line of ``prompts.txt``),
+    for rounds with at most ``max_prompts`` unique prompts."""
+    unique = sorted(set(sample_prompts), key=prompt_ids.__getitem__)
+    if not 0 < len(unique) <= max_prompts:
+        return {}
+    out = {}
+    for prompt in unique:
+        mask = torch.tensor([p == prompt for p in sample_prompts])
+        out[f"reward_by_prompt/{prompt_ids[prompt]}"] = rewards[mask].mean().item()
+    return out
+
+
+def quiet_logging() -> None:
+    """Non-main processes: warnings and errors only, from us and from the libraries."""
+    logging.getLogger("orw_diffusers").setLevel(logging.WARNING)
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+    except ImportError:  # the verbosity helpers are a nicety, not a requirement
+        pass

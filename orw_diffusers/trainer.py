@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -23,17 +22,17 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, hub, streams
+from . import build, checkpoint, hub, streams
 from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
 from .images import mean_pairwise_distance
-from .models import MIXED_PRECISION_DTYPES, FlowModel, LoadOptions, load_family
+from .models import FlowModel
 from .objectives import Fields, MicroBatch, RolloutRecord, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
 from .prompts import load_prompts
-from .rewards import RewardOutput, build_reward, clean_scores
-from .run_log import RunLog
+from .rewards import RewardOutput, clean_scores
+from .run_log import RunLog, quiet_logging, reward_by_prompt
 from .sampling import VelocityField, guided_field, integrate
 
 logger = logging.getLogger(__name__)
@@ -74,48 +73,26 @@ class Trainer:
         hub_api: Optional[Any] = None,
         model: Optional[FlowModel] = None,
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.prompts = load_prompts(cfg)
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
-            cpu=not torch.cuda.is_available(),
-        )
+        self.accelerator = acc = accelerator or build.make_accelerator(cfg)
         if not acc.is_main_process:  # one process speaks; the others only warn
-            _quiet_logging()
+            quiet_logging()
         set_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG
         self.sizes: Sizes = derive_sizes(cfg, len(self.prompts), acc.num_processes)
         self.device = acc.device
-        self.weight_dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
-        if self.device.type == "cpu" and self.weight_dtype == torch.float16:
-            logger.warning("fp16 weights are not supported on CPU; using float32 (bf16 works on CPU)")
-            self.weight_dtype = torch.float32
+        self.weight_dtype = build.weight_dtype(cfg, self.device)
         self.objective = build_objective(cfg)
 
         # Model: load on CPU, then prepare (a pipeline encodes every prompt once and drops its text encoders).
-        if model is None:
-            options = LoadOptions(
-                cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.load_t5, cfg.max_sequence_length
-            )
-            model = load_family(options, self.weight_dtype)
+        model = model or build.load_model(cfg, self.weight_dtype)
         self.family: FlowModel = model
         # The true-CFG scale of the sampler: guidance_scale itself (SD3), or 1 for a guidance-distilled
         # family (FLUX.1-dev), which feeds guidance_scale to its guidance embedding in every forward instead.
         self.sampling_guidance_scale = model.configure_guidance(cfg.guidance_scale)
-        # The loss trains the field the sampler integrates (guided), unless asked for the conditional branch.
-        self.training_guidance_scale = self.sampling_guidance_scale if cfg.cfg_training == "guided" else 1.0
-        if self.sampling_guidance_scale > 1 and cfg.cfg_training == "conditional" and acc.is_main_process:
-            logger.warning(
-                "cfg_training: conditional with guidance_scale %g: the loss fits and regularises v_c while the "
-                "rollouts integrate v_u + g (v_c - v_u), so w2_loss does not bound the sampled distribution and "
-                "the change can run away; cfg_training: guided trains the sampled field",
-                self.sampling_guidance_scale,
-            )
+        self.training_guidance_scale = build.training_guidance(cfg, self.sampling_guidance_scale, acc.is_main_process)
         self.validation_prompts = list(cfg.validation_prompts or [])
         model.prepare(self.prompts + self.validation_prompts, cfg.negative_prompt, self.device)
         # Index i of reward_by_prompt/<i>: line i of output_dir/prompts.txt (the unique training prompts).
@@ -124,29 +101,14 @@ class Trainer:
         self.sampling_sigmas = model.sampling_sigmas(cfg.num_sampling_steps, self.latent_shape)
 
         self.policy = build_policy(cfg, model)
-        denoiser = model.denoiser
-        self.params = self.policy.attach(denoiser)
+        self.params = self.policy.attach(model.denoiser)
         if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-        )  # fmt: skip
-        from diffusers.optimization import get_scheduler
+            model.denoiser.enable_gradient_checkpointing()
+        optimizer, lr_scheduler = build.make_optimizer(cfg, self.params, acc.num_processes)
+        self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(model.denoiser, optimizer, lr_scheduler)
 
-        # Accelerate steps a prepared scheduler once per process per optimizer step.
-        lr_scheduler = get_scheduler(
-            "constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes
-        )
-        self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(denoiser, optimizer, lr_scheduler)
-
-        reward_device = torch.device(cfg.reward_device) if cfg.reward_device else self.device
-        if reward_fn is None:
-            reward_fn = build_reward(
-                cfg.reward, reward_device, dtype=getattr(torch, cfg.reward_dtype), batch_size=cfg.reward_batch_size
-            )
-        self.reward_fn = reward_fn
-        self.embed_fn = getattr(reward_fn, "embed", None)
+        self.reward_fn = reward_fn if reward_fn is not None else build.make_reward(cfg, self.device)
+        self.embed_fn = getattr(self.reward_fn, "embed", None)
         self.hub_api = hub_api
         self.log = RunLog(cfg, acc, self.prompt_ids)
         if acc.is_main_process:
@@ -363,7 +325,7 @@ class Trainer:
         stats = self.optimise(rollout, signal.values[rollout.indices].to(self.device), round_idx)  # 4
         refreshed = self.refresh_sampler(round_idx)  # 5
         metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, refreshed)  # 6
-        metrics.update(self.reward_by_prompt(global_rewards, sample_prompts))
+        metrics.update(reward_by_prompt(global_rewards, sample_prompts, self.prompt_ids, self.cfg.per_prompt_log_max))
         self.log.sample_grid(round_idx, rollout.images, rollout.prompts, rollout.rewards)
         self.log.sample_rewards(round_idx, sample_prompts, global_rewards, signal.values)
         metrics["seconds"] = time.perf_counter() - t0
@@ -413,18 +375,6 @@ class Trainer:
         features = self.gather_global(local, rollout.indices, to_cpu=False)[:DIVERSITY_MAX_SAMPLES]
         return mean_pairwise_distance(features)
 
-    def reward_by_prompt(self, global_rewards: torch.Tensor, sample_prompts: list[str]) -> dict[str, float]:
-        """``reward_by_prompt/<i>``: mean reward of each prompt of the round, for rounds with at most
-        ``per_prompt_log_max`` unique prompts (i: line of ``prompts.txt``)."""
-        unique = sorted(set(sample_prompts), key=self.prompt_ids.__getitem__)
-        if not 0 < len(unique) <= self.cfg.per_prompt_log_max:
-            return {}
-        out = {}
-        for prompt in unique:
-            mask = torch.tensor([p == prompt for p in sample_prompts])
-            out[f"reward_by_prompt/{self.prompt_ids[prompt]}"] = global_rewards[mask].mean().item()
-        return out
-
     # --- validation renders --------------------------------------------------------------------------
     def validation_due(self, rounds_done: int) -> bool:
         """Before training, every ``validation_interval`` rounds, and after the last round."""
@@ -453,18 +403,6 @@ class Trainer:
         return rewards_t
 
     # --- the loop --------------------------------------------------------------------------------
-    def maybe_checkpoint(self, rounds_done: int) -> Optional[str]:
-        """Every ``checkpointing_steps`` rounds and after the last round (so a run can be extended)."""
-        steps = self.cfg.checkpointing_steps
-        if not steps or (rounds_done % steps and rounds_done != self.cfg.num_epochs):
-            return None
-        t0 = time.perf_counter()
-        path = checkpoint.save_checkpoint(self.accelerator, self.cfg.output_dir, rounds_done, self.cfg.checkpoints_total_limit)
-        if self.accelerator.is_main_process:
-            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-            logger.info("checkpoint %s: %.1f MB in %.2f s", path, size / 2**20, time.perf_counter() - t0)
-        return path
-
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         self.log.prepare(self.start_round)
@@ -485,7 +423,7 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
             if self.validation_due(self.rounds_done):
                 self.validate(self.rounds_done)
-            self.maybe_checkpoint(self.rounds_done)
+            checkpoint.maybe_save(self.accelerator, cfg, self.rounds_done)
         note = self.save(cfg.output_dir)
         acc.end_training()
         self.finish(note)
@@ -502,34 +440,8 @@ class Trainer:
         return note
 
     def finish(self, note: str) -> None:
-        """Main process, after the weights are saved: the model card, the Hub upload if asked, one summary line.
+        """Main process, after the weights are saved: the model card, the Hub upload if asked, one summary line."""
+        if self.accelerator.is_main_process:
+            samples = self.rounds_done * self.sizes.samples_per_round
+            hub.publish(self.cfg, f"done: {self.rounds_done} rounds, {samples} samples. {note}", api=self.hub_api)
 
-        A failed upload prints the retry command and raises ``hub.HubUploadError`` (the run exits
-        non-zero); the weights and the card are on disk either way.
-        """
-        cfg = self.cfg
-        if not self.accelerator.is_main_process:
-            return
-        hub.write_model_card(cfg.output_dir, cfg.hub_model_id if cfg.push_to_hub else None)
-        where = ""
-        if cfg.push_to_hub:
-            try:
-                repo_id = hub.push_to_hub(cfg.output_dir, cfg.hub_model_id, private=cfg.hub_private, api=self.hub_api)
-            except hub.HubUploadError as e:
-                print(f"error: {e}", file=sys.stderr)
-                raise
-            where = f"; on the Hub as {repo_id}: pipe.load_lora_weights({repo_id!r})"
-        print(f"done: {self.rounds_done} rounds, {self.rounds_done * self.sizes.samples_per_round} samples. {note}{where}")
-
-
-def _quiet_logging() -> None:
-    """Non-main processes: warnings and errors only, from us and from the libraries."""
-    logging.getLogger("orw_diffusers").setLevel(logging.WARNING)
-    try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    except ImportError:  # the verbosity helpers are a nicety, not a requirement
-        pass

@@ -1,0 +1,76 @@
+"""The run's parts, built from its config: the accelerator, the weight dtype, the model, the
+optimizer and its schedule, the reward, and the scale of the trained guidance."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+from .models import MIXED_PRECISION_DTYPES, FlowModel, LoadOptions, load_family
+from .rewards import build_reward
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen weights (trainable LoRA parameters stay fp32)."""
+    dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("fp16 weights are not supported on CPU; using float32 (bf16 works on CPU)")
+        return torch.float32
+    return dtype
+
+
+def load_model(cfg: TrainConfig, dtype: torch.dtype) -> FlowModel:
+    """The pipeline of ``pretrained_model_name_or_path``, on CPU in ``dtype``."""
+    options = LoadOptions(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.load_t5, cfg.max_sequence_length)
+    return load_family(options, dtype)
+
+
+def training_guidance(cfg: TrainConfig, sampling_scale: float, warn: bool) -> float:
+    """The CFG scale of the trained field: the sampler's (``cfg_training: guided``) or 1 (the conditional branch)."""
+    if cfg.cfg_training == "guided":
+        return sampling_scale
+    if sampling_scale > 1 and warn:
+        logger.warning(
+            "cfg_training: conditional with guidance_scale %g: the loss fits and regularises v_c while the "
+            "rollouts integrate v_u + g (v_c - v_u), so w2_loss does not bound the sampled distribution and "
+            "the change can run away; cfg_training: guided trains the sampled field",
+            sampling_scale,
+        )
+    return 1.0
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], num_processes: int) -> tuple[Any, Any]:
+    """AdamW and a linear warmup to a constant learning rate: a fresh optimizer and schedule for every run."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )  # fmt: skip
+    # Accelerate steps a prepared scheduler once per process per optimizer step.
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes)
+    return optimizer, scheduler
+
+
+def make_reward(cfg: TrainConfig, device: torch.device) -> Callable:
+    reward_device = torch.device(cfg.reward_device) if cfg.reward_device else device
+    return build_reward(cfg.reward, reward_device, dtype=getattr(torch, cfg.reward_dtype), batch_size=cfg.reward_batch_size)
