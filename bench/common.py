@@ -28,7 +28,8 @@ import torch
 from bench.reward import ConvReward, conv_reward  # noqa: F401  (re-exported for the benchmarks)
 from orw_diffusers import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, for every bench script
+TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 MODEL_CACHE = os.environ.get("ORW_BENCH_CACHE", "/tmp/orw-bench-models")
 WORDS = tiny.WORDS + ("tree", "house", "car")
 

@@ -26,9 +26,9 @@ from typing import Any, Optional
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import REPO, TRAIN_SCRIPT
+
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
-TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 ODD_DIGITS = [1, 3, 5, 7, 9]
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SAMPLES = 48
@@ -253,7 +253,7 @@ def write_results(results: list[dict], base_report: Optional[dict], grids: dict[
     lines = [
         "# Digits demo: results of the alpha sweep", "",
         "The paper's MNIST \"only even digits\" experiment in miniature: the CPU digits base (a real "
-        "`StableDiffusion3Pipeline`, `orw_diffusers/digits.py`) fine-tuned with LoRA by ORW-CFM-W2 towards the "
+        "`StableDiffusion3Pipeline`, `orw_diffusers/digits/`) fine-tuned with LoRA by ORW-CFM-W2 towards the "
         "reward `digit_even` = P(even) of a small CNN. Every number below is judged by a *different* classifier "
         "(an SVC on pixels, `digits.evaluate_images`) on samples of the fine-tuned pipeline drawn with plain "
         "diffusers (`load_lora_weights`), the generic prompt only.", "",
@@ -325,8 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
+    from orw_diffusers.config import from_dict, load_yaml
     from orw_diffusers.errors import ConfigError
-from orw_diffusers.config import from_dict, load_yaml
 
     overrides: dict[str, Any] = {}
     for item in args.set:

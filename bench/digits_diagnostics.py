@@ -26,11 +26,11 @@ from typing import Optional
 
 import torch
 
+from bench.common import REPO
 from bench.digits_alpha_sweep import fmt_hist
 from orw_diffusers import digits
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPERATURES = (5.0, 20.0, 80.0, 320.0)
 LN5 = math.log(5)
 

@@ -96,15 +96,10 @@ def _check(args: argparse.Namespace) -> None:
 
 # --- pipeline ----------------------------------------------------------------------------------
 def load_pipeline(base: str, dtype: torch.dtype, device: str, revision: Optional[str] = None) -> Any:
-    """``DiffusionPipeline.from_pretrained``; components saved as null (an SD3 pipeline saved without
-    T5) must be passed as None explicitly, or diffusers refuses to load the pipeline."""
-    from diffusers import DiffusionPipeline
+    """``DiffusionPipeline.from_pretrained`` with the components saved as null passed as None, on ``device``."""
+    from .models.pipeline import load_diffusers_pipeline
 
-    from .models import read_model_index
-
-    index = read_model_index(base, revision)
-    missing = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(base, revision=revision, dtype=dtype, **missing)
+    pipe = load_diffusers_pipeline(base, revision=revision, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

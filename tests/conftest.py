@@ -90,5 +90,48 @@ def tiny_run_config(model_path: str, output_dir: str, **overrides) -> dict:
     return values
 
 
+# --- helpers of the family tests (test_sd3.py, test_family_contract.py) --------------------------
+def tiny_trainer(model_path: str, tmp_path, **overrides):
+    """A trainer on ``tiny_run_config(model_path, tmp_path / "out", **overrides)`` with the ``darkness`` reward."""
+    from orw_diffusers.config import TrainConfig
+    from orw_diffusers.trainer import Trainer
+    from rewards_for_tests import darkness
+
+    cfg = TrainConfig(**tiny_run_config(model_path, str(tmp_path / "out"), **overrides))
+    return Trainer(cfg, reward_fn=darkness)
+
+
+def velocity_probe(trainer, n: int = 3):
+    """(x, sigmas, cond): random latents of the family's shape, sigmas in (0, 1), cached prompts."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn((n, *trainer.latent_shape), generator=g)
+    sigmas = torch.rand(n, generator=g)
+    cond = trainer.family.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
+    return x, sigmas, cond
+
+
+def velocity(trainer, model: torch.nn.Module, probe) -> torch.Tensor:
+    """The family's velocity of ``model`` at a ``velocity_probe``, without grad."""
+    with torch.no_grad():
+        return trainer.family.predict_velocity(model, *probe)
+
+
+def sampled_and_pipeline_call(trainer, prompts=("a red cat", "a blue dog"), round_idx: int = 5):
+    """(our sampler's decoded images of ``prompts`` in round ``round_idx``, the kwargs of a plain diffusers
+    pipeline call from the same initial noise with the same steps and ``guidance_scale``)."""
+    from orw_diffusers import streams
+    from orw_diffusers.flow import per_sample_noise
+
+    prompts, indices = list(prompts), torch.arange(len(prompts))
+    with torch.no_grad():
+        ours = trainer.family.decode(trainer.sample_latents(prompts, indices, round_idx=round_idx))
+    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (round_idx, streams.SAMPLING_NOISE), indices)
+    kwargs = dict(
+        prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,
+        guidance_scale=trainer.cfg.guidance_scale, height=16, width=16, output_type="pt", max_sequence_length=8,
+    )  # fmt: skip
+    return ours, kwargs
+
+
 def python() -> str:
     return sys.executable

@@ -100,7 +100,7 @@ def test_evaluate_images_on_real_digits():
 def test_ensure_reuses_cache_and_ignores_temp_dirs(base, cache, monkeypatch):
     monkeypatch.setenv("ORW_DIFFUSERS_CACHE", cache)
     built = []
-    monkeypatch.setattr(digits, "build_digits_base", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(digits.base, "build_digits_base", lambda *a, **k: built.append(a))
     assert digits.ensure_digits_base(progress=False) == base
     assert digits.ensure_digits_base(progress=False) == base
     assert built == []
@@ -120,7 +120,7 @@ def test_ensure_builds_when_only_an_interrupted_build_exists(tmp_path, monkeypat
             open(os.path.join(out_dir, name), "w").close()
         return out_dir
 
-    monkeypatch.setattr(digits, "build_digits_base", fake_build)
+    monkeypatch.setattr(digits.base, "build_digits_base", fake_build)
     path = digits.ensure_digits_base(progress=False)
     assert calls == [str(tmp_path / digits.BASE_NAME)] and path == calls[0]
     assert digits.ensure_digits_base(progress=False) == path and len(calls) == 1
@@ -130,7 +130,22 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(digits, "_train_vae", interrupted)
+    monkeypatch.setattr(digits.base, "_train_vae", interrupted)
     with pytest.raises(KeyboardInterrupt):
         digits.build_digits_base(str(tmp_path / digits.BASE_NAME), mini=True, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_digits_package_never_imports_the_rewards():
+    """Imports go one way: rewards/digits.py uses orw_diffusers.digits, whose modules never import
+    orw_diffusers.rewards (not even inside a function), so nothing the reward imports imports it back."""
+    import ast
+
+    folder = os.path.dirname(digits.__file__)
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [alias.name for alias in node.names]
+                assert not any("rewards" in n.split(".") for n in names), f"{name}:{node.lineno} imports the rewards"

@@ -13,11 +13,10 @@ import yaml
 
 torch.set_num_threads(1)
 
+from conftest import REPO, TRAIN_SCRIPT  # noqa: E402
 from orw_diffusers import digits  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
-TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 
 
 @pytest.fixture(scope="module")

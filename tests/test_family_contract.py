@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import TINY_WORDS, tiny_run_config
+from conftest import TINY_WORDS, sampled_and_pipeline_call, tiny_trainer
+from conftest import velocity as _velocity, velocity_probe as _probe
 from orw_diffusers import lora
-from orw_diffusers.config import TrainConfig
-from orw_diffusers.flow import per_sample_noise
 from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers import streams
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 
@@ -65,26 +63,9 @@ def checkpoint(request) -> TinyCheckpoint:
 
 
 def _trainer(checkpoint: TinyCheckpoint, tmp_path, **overrides) -> Trainer:
-    from rewards_for_tests import darkness
-
-    cfg = TrainConfig(**tiny_run_config(checkpoint.path, str(tmp_path / "out"), **overrides))
-    trainer = Trainer(cfg, reward_fn=darkness)
+    trainer = tiny_trainer(checkpoint.path, tmp_path, **overrides)
     assert type(trainer.family).__name__ == checkpoint.family
     return trainer
-
-
-def _probe(trainer: Trainer, n: int = 3):
-    """(x, sigmas, cond): random latents of the family's shape, sigmas in (0, 1), cached prompts."""
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn((n, *trainer.latent_shape), generator=g)
-    sigmas = torch.rand(n, generator=g)
-    cond = trainer.family.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
-    return x, sigmas, cond
-
-
-def _velocity(trainer: Trainer, model: torch.nn.Module, probe) -> torch.Tensor:
-    with torch.no_grad():
-        return trainer.family.predict_velocity(model, *probe)
 
 
 def test_fresh_adapter_equals_reference_and_w2_is_zero(checkpoint, tmp_path):
@@ -133,18 +114,11 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(checkpoint, tmp_p
 
     trainer = _trainer(checkpoint, tmp_path, num_epochs=2, learning_rate=1e-2)
     trainer.train()
-    prompts, indices = ["a red cat", "a blue dog"], torch.tensor([0, 1])
-    with torch.no_grad():
-        ours = trainer.family.decode(trainer.sample_latents(prompts, indices, round_idx=5))
+    ours, kwargs = sampled_and_pipeline_call(trainer)
 
     pipe = DiffusionPipeline.from_pretrained(checkpoint.path, **checkpoint.pipeline_kwargs)
     assert type(pipe) is type(trainer.family.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, streams.SAMPLING_NOISE), indices)
-    kwargs = dict(
-        prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,
-        guidance_scale=trainer.cfg.guidance_scale, height=16, width=16, output_type="pt", max_sequence_length=8,
-    )  # fmt: skip
     base = pipe(**kwargs).images
     pipe.load_lora_weights(trainer.cfg.output_dir, weight_name=LORA_WEIGHTS_NAME)
     tuned = pipe(**kwargs).images

@@ -3,34 +3,10 @@
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import sampled_and_pipeline_call, tiny_trainer as _trainer, velocity as _velocity, velocity_probe as _probe
 from orw_diffusers import lora
-from orw_diffusers.config import TrainConfig
-from orw_diffusers.flow import per_sample_noise
 from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers import streams
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
-from orw_diffusers.trainer import Trainer
-
-
-def _trainer(tiny_sd3_path, tmp_path, **overrides) -> Trainer:
-    from rewards_for_tests import darkness
-
-    cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), **overrides))
-    return Trainer(cfg, reward_fn=darkness)
-
-
-def _probe(trainer, n=3):
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn((n, *trainer.latent_shape), generator=g)
-    sigmas = torch.rand(n, generator=g)
-    cond = trainer.family.prompt_cache.get(["a red cat", "a blue dog", ""][:n], trainer.device)
-    return x, sigmas, cond
-
-
-def _velocity(trainer, model, probe):
-    with torch.no_grad():
-        return trainer.family.predict_velocity(model, *probe)
 
 
 def _lora_tensors(model, adapter):
@@ -99,17 +75,9 @@ def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tm
     trainer = _trainer(tiny_sd3_path, tmp_path, num_epochs=2, learning_rate=1e-2)
     trainer.train()
     out_dir = trainer.cfg.output_dir
-    prompts = ["a red cat", "a blue dog"]
-    indices = torch.tensor([0, 1])
-    with torch.no_grad():
-        ours = trainer.family.decode(trainer.sample_latents(prompts, indices, round_idx=5))
+    ours, kwargs = sampled_and_pipeline_call(trainer)
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (5, streams.SAMPLING_NOISE), indices)
-    kwargs = dict(
-        prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,
-        guidance_scale=trainer.cfg.guidance_scale, height=16, width=16, output_type="pt", max_sequence_length=8,
-    )  # fmt: skip
     base = pipe(**kwargs).images
     pipe.load_lora_weights(out_dir, weight_name=LORA_WEIGHTS_NAME)
     tuned = pipe(**kwargs).images
@@ -133,7 +101,8 @@ def test_rollouts_use_the_configured_solver(tiny_sd3_path, tmp_path, solver, cal
 
 def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_path):
     """The round's conditioning is never built at once: each micro-batch takes its own rows from the
-    prompt cache, in sample order, so memory does not grow with the round."""
+    prompt cache, in sample order, then (guided training) its negative prompts, so memory does not
+    grow with the round."""
     trainer = _trainer(tiny_sd3_path, tmp_path, train_batch_size=2, num_inner_epochs=2)
     rollout = trainer.rollout(0)
     requested = []
@@ -146,7 +115,9 @@ def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_p
     trainer.family.prompt_cache.get = spy
     trainer.optimise(rollout, torch.ones(len(rollout.indices)), 0)
     micro_batches = [rollout.prompts[i : i + 2] for i in range(0, len(rollout.prompts), 2)]
-    assert len(micro_batches) == 4 and requested == 2 * micro_batches
+    assert trainer.training_guidance_scale > 1
+    expected = [rows for batch in micro_batches for rows in (batch, [trainer.cfg.negative_prompt] * 2)]
+    assert len(micro_batches) == 4 and requested == 2 * expected
 
 
 @pytest.fixture

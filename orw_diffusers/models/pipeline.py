@@ -155,3 +155,22 @@ def read_model_index(path_or_id: str, revision: Optional[str] = None) -> dict:
         file = hf_hub_download(path_or_id, "model_index.json", revision=revision)
     with open(file) as f:
         return json.load(f)
+
+
+def load_diffusers_pipeline(
+    path_or_id: str, pipeline_class: Any = None, *, load_t5: bool = True, model_index: Optional[dict] = None,
+    revision: Optional[str] = None, **kwargs: Any,
+) -> Any:
+    """``pipeline_class.from_pretrained`` (default ``DiffusionPipeline``), passing None for every component
+    that ``model_index.json`` saves as null: a pipeline saved without one (SD3 without T5) only reloads that way.
+
+    ``load_t5=False`` also leaves out SD3's T5 (``text_encoder_3``, ``tokenizer_3``). ``model_index``: the
+    index when it is already read. ``kwargs`` go to ``from_pretrained`` (``dtype``, ``variant``, ...).
+    """
+    from diffusers import DiffusionPipeline
+
+    index = read_model_index(path_or_id, revision) if model_index is None else model_index
+    nulls = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
+    if not load_t5:
+        nulls.update(text_encoder_3=None, tokenizer_3=None)
+    return (pipeline_class or DiffusionPipeline).from_pretrained(path_or_id, revision=revision, **nulls, **kwargs)

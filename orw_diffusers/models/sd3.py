@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Conditioning
-from .pipeline import LoadOptions, PipelineFamily
+from .pipeline import LoadOptions, PipelineFamily, load_diffusers_pipeline
 
 #: The attention projections of the joint blocks, as diffusers' SD3 DreamBooth LoRA script adapts them.
 #: FLUX's joint blocks name theirs alike (the memory planner's default for a FLUX transformer outside ``FluxPipeline``).
@@ -47,17 +47,14 @@ class SD3Family(PipelineFamily):
     def load(cls, options: LoadOptions, weight_dtype: torch.dtype, model_index: dict) -> "SD3Family":
         from diffusers import StableDiffusion3Pipeline
 
-        kwargs = {}
-        # A pipeline saved without T5 has null entries and only reloads with them passed as None.
-        has_t5 = (model_index.get("text_encoder_3") or [None])[0] is not None
-        if not (options.load_t5 and has_t5):
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
-        pipe = StableDiffusion3Pipeline.from_pretrained(
+        pipe = load_diffusers_pipeline(
             options.pretrained_model_name_or_path,
+            StableDiffusion3Pipeline,
+            load_t5=options.load_t5,
+            model_index=model_index,
             revision=options.revision,
             variant=options.variant,
             dtype=weight_dtype,
-            **kwargs,
         )
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, options)

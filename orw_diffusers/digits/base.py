@@ -1,13 +1,4 @@
-"""The "digits" base model: a real ``StableDiffusion3Pipeline`` trained on CPU on scikit-learn's 8x8 digits.
-
-This is the miniature of the ORW-CFM-W2 paper's MNIST "only even digits" experiment. The base is built
-once (a few minutes on two CPU cores), saved with ``save_pretrained`` and afterwards loaded like any SD3
-checkpoint::
-
-    path = ensure_digits_base()  # <cache>/digits-sd3-v2/, built only if missing
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-    images = pipe(GENERIC_PROMPT, num_inference_steps=DIGITS_NUM_STEPS, guidance_scale=DIGITS_GUIDANCE_SCALE,
-                  max_sequence_length=DIGITS_MAX_SEQUENCE_LENGTH, output_type="pt").images  # [B, 3, 16, 16]
+"""The digits base: build it (VAE, transformer, reward CNN) into the cache, load it, sample it.
 
 Cache layout (``$ORW_DIFFUSERS_CACHE``, default ``~/.cache/orw_diffusers``)::
 
@@ -17,15 +8,10 @@ Cache layout (``$ORW_DIFFUSERS_CACHE``, default ``~/.cache/orw_diffusers``)::
 
 The classifiers sit inside the pipeline folder (``from_pretrained`` ignores folders that
 ``model_index.json`` does not name) so that one ``os.rename`` publishes the whole build atomically.
-
-Data: ``sklearn.datasets.load_digits`` (1,797 images, 0..16), upscaled bilinearly to 16x16, grey -> 3 channels.
-A stratified 20% held-out split (fixed seed, independent of the build seed) trains nothing; it only
-calibrates the evaluation ("how confident is the judge on real digits?").
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -39,50 +25,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-DIGITS_RESOLUTION = 16
-# Without T5, encode_prompt pads the context with `max_sequence_length` zero tokens; the diffusers default
-# (256) would dwarf the 16 image tokens. Use this value in training and in every pipeline call.
-DIGITS_MAX_SEQUENCE_LENGTH = 2
-# "<bos> a handwritten digit 7 <eos>" is exactly 6 tokens; every context token costs as much as an image token
-DIGITS_TOKENIZER_MAX_LENGTH = 6
-DIGITS_WORDS = ("a", "handwritten", "digit") + tuple(str(d) for d in range(10))
-GENERIC_PROMPT = "a handwritten digit"
-NEGATIVE_PROMPT = ""
-DIGITS_GUIDANCE_SCALE = 2.0
-DIGITS_NUM_STEPS = 20
-BASE_NAME = "digits-sd3-v2"
-CLASSIFIER_DIR = "classifiers"
-CONFIDENCE_THRESHOLD = 0.9
-HELDOUT_FRACTION = 0.2
-SPLIT_SEED = 0  # the held-out split never changes with the build seed
-EVEN_DIGITS = (0, 2, 4, 6, 8)
-
-
-def specific_prompt(digit: int) -> str:
-    """The prompt that asks for one digit, e.g. ``"a handwritten digit 7"``."""
-    return f"{GENERIC_PROMPT} {int(digit)}"
-
-
-def digits_cache_dir(cache_dir: Optional[str] = None) -> str:
-    """``cache_dir``, else ``$ORW_DIFFUSERS_CACHE``, else ``~/.cache/orw_diffusers``."""
-    return cache_dir or os.environ.get("ORW_DIFFUSERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "orw_diffusers")
-
-
-def load_digit_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``split`` in {"train", "heldout"} -> (images float[N, 3, 16, 16] in [0, 1], labels long[N])."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    data = load_digits()
-    train_idx, heldout_idx = train_test_split(
-        range(len(data.target)), test_size=HELDOUT_FRACTION, stratify=data.target, random_state=SPLIT_SEED
-    )
-    idx = torch.as_tensor(train_idx if split == "train" else heldout_idx)
-    pixels = torch.as_tensor(data.images, dtype=torch.float32)[idx, None] / 16.0  # [N, 1, 8, 8]
-    images = F.interpolate(pixels, size=DIGITS_RESOLUTION, mode="bilinear", align_corners=False)
-    return images.clamp(0, 1).repeat(1, 3, 1, 1), torch.as_tensor(data.target)[idx].long()
+from .classifier import save_reward_classifier, train_reward_classifier
+from .data import (
+    BASE_NAME,
+    CLASSIFIER_DIR,
+    DIGITS_GUIDANCE_SCALE,
+    DIGITS_MAX_SEQUENCE_LENGTH,
+    DIGITS_NUM_STEPS,
+    DIGITS_RESOLUTION,
+    DIGITS_TOKENIZER_MAX_LENGTH,
+    DIGITS_WORDS,
+    GENERIC_PROMPT,
+    HELDOUT_FRACTION,
+    NEGATIVE_PROMPT,
+    SPLIT_SEED,
+    digits_cache_dir,
+    load_digit_images,
+    specific_prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +76,7 @@ def _build_pipeline_parts(settings: BuildSettings, seed: int):
     """Untrained pipeline components from ``tiny``: tokenizers, text encoders, VAE, transformer, scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from . import tiny
+    from .. import tiny
 
     tokenizer = tiny.clip_tokenizer(DIGITS_WORDS, DIGITS_TOKENIZER_MAX_LENGTH)
     hidden = settings.text_hidden
@@ -212,8 +172,6 @@ def build_digits_base(out_dir: str, seed: int = 0, mini: bool = False, progress:
     """
     from tqdm.auto import tqdm
 
-    from .rewards.digits import save_reward_classifier, train_reward_classifier
-
     settings = settings or (BuildSettings.mini() if mini else BuildSettings())
     start = time.time()
     torch.manual_seed(seed)
@@ -281,7 +239,9 @@ def load_digits_pipeline(path: Optional[str] = None, device: str | torch.device 
     """``StableDiffusion3Pipeline.from_pretrained`` of ``path`` (default: the cached base, built if missing)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(path or ensure_digits_base(), text_encoder_3=None, tokenizer_3=None)
+    from ..models.pipeline import load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(path or ensure_digits_base(), StableDiffusion3Pipeline)
     return pipe.to(device)
 
 
@@ -297,119 +257,3 @@ def generate_digits(pipe, prompts: list[str], seed: int = 0, batch_size: int = 2
                            guidance_scale=guidance_scale, max_sequence_length=DIGITS_MAX_SEQUENCE_LENGTH,
                            output_type="pt", generator=generator).images.float().cpu())
     return torch.cat(chunks)
-
-
-_EVAL_CLASSIFIER = None
-
-
-def eval_classifier():
-    """The judge: an RBF SVC (calibrated probabilities) on 8x8 grey pixels of the training split.
-
-    A different model family from the reward CNN and never seen by fine-tuning. Fitting takes about a second
-    and is deterministic, so it is refitted once per process instead of being pickled into the cache.
-    """
-    global _EVAL_CLASSIFIER
-    if _EVAL_CLASSIFIER is None:
-        from sklearn.calibration import CalibratedClassifierCV
-        from sklearn.svm import SVC
-
-        images, labels = load_digit_images("train")
-        _EVAL_CLASSIFIER = CalibratedClassifierCV(SVC(gamma=0.001), ensemble=False).fit(_svc_features(images), labels.numpy())
-    return _EVAL_CLASSIFIER
-
-
-def _svc_features(images: torch.Tensor):
-    """[B, 3, 16, 16] in [0, 1] -> numpy [B, 64] on sklearn's 0..16 scale (grey, 2x2 average pooled)."""
-    return (F.avg_pool2d(images.float().cpu().mean(1, keepdim=True), 2).flatten(1) * 16).numpy()
-
-
-def _confident_share(probs: torch.Tensor) -> float:
-    return (probs.max(1).values >= CONFIDENCE_THRESHOLD).float().mean().item()
-
-
-def judge_probs(images: torch.Tensor) -> torch.Tensor:
-    """The judge's class probabilities, float64[B, 10]. images: float[B, 3, 16, 16] in [0, 1]."""
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, DIGITS_RESOLUTION, DIGITS_RESOLUTION):
-        raise ValueError(f"images must be [B, 3, {DIGITS_RESOLUTION}, {DIGITS_RESOLUTION}], got {tuple(images.shape)}")
-    return torch.as_tensor(eval_classifier().predict_proba(_svc_features(images)))
-
-
-def subset_entropy(histogram: torch.Tensor, classes: tuple[int, ...] = EVEN_DIGITS) -> float:
-    """Entropy in nats of a 10-class histogram restricted to ``classes`` and renormalised (max ln 5 = 1.609 for
-    five classes; 0 if they hold nothing). The demo's "even-class entropy" is the default."""
-    part = histogram.double()[list(classes)]
-    total = part.sum()
-    if total <= 0:
-        return 0.0
-    q = part[part > 0] / total
-    return max(0.0, float(-(q * q.log()).sum()))  # never -0.0
-
-
-def evaluate_images(images: torch.Tensor) -> dict:
-    """Judge samples with the evaluation classifier. images: float[B, 3, 16, 16] in [0, 1].
-
-    Returns ``histogram`` (10 class fractions), ``p_even`` (fraction classified even), ``even_entropy``
-    (entropy in nats of the class distribution restricted to even classes; max ln 5 = 1.609),
-    ``confident_share`` (max-prob >= CONFIDENCE_THRESHOLD), ``real_confident_share`` (the same on the
-    real held-out digits) and ``relative_confident_share`` (their ratio: confidence is relative to the judge).
-    """
-    probs = judge_probs(images)
-    heldout, _ = load_digit_images("heldout")
-    real_share = _confident_share(judge_probs(heldout))
-    histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)
-    share = _confident_share(probs)
-    return {"histogram": [round(h, 4) for h in histogram.tolist()], "p_even": histogram[0::2].sum().item(),
-            "even_entropy": subset_entropy(histogram), "num_samples": len(probs),
-            "confident_share": share, "real_confident_share": real_share, "relative_confident_share": share / real_share}
-
-
-def evaluate_base(path: Optional[str] = None, num_generic: int = 1000, num_per_digit: int = 100, seed: int = 0) -> dict:
-    """Base-quality report: the generic prompt's ``evaluate_images`` plus per-digit accuracy of specific prompts."""
-    pipe = load_digits_pipeline(path)
-    report = {"generic": evaluate_images(generate_digits(pipe, [GENERIC_PROMPT] * num_generic, seed=seed))}
-    prompts = [specific_prompt(d) for d in range(10) for _ in range(num_per_digit)]
-    predicted = judge_probs(generate_digits(pipe, prompts, seed=seed + 1)).argmax(1)
-    correct = predicted.view(10, num_per_digit) == torch.arange(10).view(10, 1)
-    report["specific_accuracy"] = [round(a, 4) for a in correct.double().mean(1).tolist()]
-    report["specific_accuracy_mean"] = correct.double().mean().item()
-    return report
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m orw_diffusers.digits", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build the base into the cache (no-op if it is there)")
-    build.add_argument("--cache-dir", default=None, help="default: $ORW_DIFFUSERS_CACHE or ~/.cache/orw_diffusers")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--force", action="store_true", help="delete and rebuild an existing base")
-    evaluate = sub.add_parser("evaluate", help="print the base-quality report")
-    evaluate.add_argument("--path", default=None, help="a pipeline folder (default: the cached base)")
-    evaluate.add_argument("--num-samples", type=int, default=1000, help="generic-prompt samples")
-    evaluate.add_argument("--num-per-digit", type=int, default=100, help="samples per specific prompt")
-    evaluate.add_argument("--seed", type=int, default=0)
-    for command in (build, evaluate):
-        command.add_argument("--threads", type=int, default=2,
-                             help="torch CPU threads; on a CPU shared with other jobs 1 is often faster")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "build":
-        path = os.path.join(digits_cache_dir(args.cache_dir), BASE_NAME)
-        if args.force and os.path.isdir(path):
-            shutil.rmtree(path)
-        print(ensure_digits_base(args.cache_dir, seed=args.seed))
-        return
-    report = evaluate_base(args.path, args.num_samples, args.num_per_digit, args.seed)
-    generic = report["generic"]
-    print(f"generic prompt {GENERIC_PROMPT!r}, {generic['num_samples']} samples, "
-          f"{DIGITS_NUM_STEPS} steps, guidance {DIGITS_GUIDANCE_SCALE}")
-    print("  class histogram: " + " ".join(f"{d}:{h:.3f}" for d, h in enumerate(generic["histogram"])))
-    print(f"  P(even) {generic['p_even']:.3f}   even-class entropy {generic['even_entropy']:.3f} (max 1.609)")
-    print(f"  confident share (max-prob >= {CONFIDENCE_THRESHOLD}) {generic['confident_share']:.3f}, real held-out "
-          f"{generic['real_confident_share']:.3f}, relative {generic['relative_confident_share']:.3f}")
-    print("specific prompts, accuracy per digit: " + " ".join(f"{d}:{a:.2f}" for d, a in enumerate(report["specific_accuracy"])))
-    print(f"  mean {report['specific_accuracy_mean']:.3f}")
-    print(json.dumps(report))
-
-
-if __name__ == "__main__":
-    main()
