@@ -69,8 +69,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
     # --- the objective ---------------------------------------------------------------------
     objective: str = _help(
-        "The training objective: 'orw_cfm_w2' (online reward-weighted CFM with W2 regularisation). A key of "
-        "another objective is an error.",
+        "The training objective: 'orw_cfm_w2' (online reward-weighted CFM with W2 regularisation) or 'flow_grpo' "
+        "(SDE rollouts, group-relative advantages, clipped ratio + KL). A key of another objective is an error.",
         "orw_cfm_w2",
     )
     # --- ORW-CFM-W2 (objective: orw_cfm_w2) --------------------------------------------------
@@ -87,6 +87,29 @@ class TrainConfig:
     sigma_sampling: str = _help("Training sigma distribution: 'uniform' (the paper) or 'logit_normal'.", "uniform")
     logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
     logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
+    # --- Flow-GRPO (objective: flow_grpo) -------------------------------------------------
+    noise_level: float = _help(
+        "a: the SDE's diffusion a sqrt(sigma / (1 - sigma)) on the stochastic steps (cps: std sigma_next sin(a pi/2)).",
+        0.7,
+    )
+    sde_type: str = _help("'sde' (Flow-GRPO's reverse SDE) or 'cps' (coefficients-preserving sampling).", "sde")
+    sde_window_size: int = _help(
+        "Stochastic (and trained) steps per rollout, a window placed at random in sde_window_range each round; "
+        "the other steps are Euler. 0: every step but the last.",
+        0,
+    )
+    sde_window_range: Optional[list[int]] = _help(
+        "[low, high]: the steps the SDE window may cover. Default: the first half of the trajectory.", None
+    )
+    global_std: bool = _help(
+        "Advantages (r - group mean) / std with the std of the whole batch (true) or of the prompt's group.", True
+    )
+    adv_clip_max: float = _help("Advantages are clipped to +-adv_clip_max.", 5.0)
+    clip_range: float = _help("epsilon of the clipped ratio clip(rho, 1 - epsilon, 1 + epsilon).", 1e-4)
+    kl_beta: float = _help(
+        "Weight of the KL of each trained step's transition to the adapter-free reference's. 0: no reference pass.",
+        0.04,
+    )
     # --- rollouts and optimisation (every objective) ------------------------------------------
     sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
     num_sampling_steps: int = _help(

@@ -96,3 +96,42 @@ def orw_cfm_w2_loss(
         w2_loss=w2.detach().mean(),
         ess=effective_sample_size(weights),
     )
+
+
+# --- Flow-GRPO -----------------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = True, clip: float = 5.0, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages of the global batch: ``(r - mean of the group) / (std + eps)``, clipped to ±clip.
+
+    rewards, group_ids: [B]. The std is the whole batch's (``global_std``) or the group's. Returns
+    ``(advantages [B], keep [B] bool)``: a group whose rewards are all equal carries no signal, so
+    its samples are masked (``keep`` False, advantage 0).
+    """
+    r = rewards.detach().float()
+    advantages = torch.zeros_like(r)
+    keep = torch.ones_like(r, dtype=torch.bool)
+    batch_std = r.std(unbiased=False)
+    for g in torch.unique(group_ids):
+        mask = group_ids == g
+        group = r[mask]
+        spread = group.std(unbiased=False)
+        if group.numel() < 2 or spread == 0:
+            keep[mask] = False
+            continue
+        std = batch_std if global_std else spread
+        advantages[mask] = (group - group.mean()) / (std + eps)
+    return advantages.clamp(-clip, clip), keep
+
+
+def clipped_ratio_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per sample: ``max(-A rho, -A clip(rho, 1 - eps, 1 + eps))``, rho = exp(logp - logp_old).
+
+    All [B]. Returns ``(loss [B], rho [B])``.
+    """
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio

@@ -90,6 +90,16 @@ def tiny_run_config(model_path: str, output_dir: str, **overrides) -> dict:
     return values
 
 
+def for_objective(values: dict, objective: str, **grpo) -> dict:
+    """``values`` (a run config dict) for ``objective``: Flow-GRPO drops ORW's keys and takes ``grpo``'s."""
+    if objective == "orw_cfm_w2":
+        return values
+    from orw_diffusers.objectives import OBJECTIVES
+
+    orw_keys = OBJECTIVES["orw_cfm_w2"].config_keys
+    return {**{k: v for k, v in values.items() if k not in orw_keys}, "objective": objective, **grpo}
+
+
 # --- helpers of the family tests (test_sd3.py, test_family_contract.py) --------------------------
 def tiny_trainer(model_path: str, tmp_path, **overrides):
     """A trainer on ``tiny_run_config(model_path, tmp_path / "out", **overrides)`` with the ``darkness`` reward."""

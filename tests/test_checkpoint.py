@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
+from conftest import REPO, TRAIN_SCRIPT, for_objective, python, tiny_run_config
 from orw_diffusers import checkpoint
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
@@ -51,7 +51,8 @@ def _assert_same_tensors(a: dict, b: dict):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_path, tmp_path):
+@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo"])
+def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_path, tmp_path, objective):
     reward_file = tmp_path / "hanging_reward.py"
     reward_file.write_text(HANGING_REWARD)
     common = dict(
@@ -60,7 +61,7 @@ def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_pa
         reward=f"{reward_file}:brightness",
     )  # fmt: skip
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    values = tiny_run_config(tiny_sd3_path, str(killed), **common)
+    values = for_objective(tiny_run_config(tiny_sd3_path, str(killed), **common), objective, sde_window_size=2)
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump(values))
 

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import logging
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -194,3 +196,15 @@ def test_script_refuses_flux_fp16_with_exit_2(tiny_flux_dev_path, tmp_path, caps
     assert err.startswith("error: mixed_precision: fp16 is not supported by FluxFamily")
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+def test_flow_grpo_runs_a_round_on_flux_dev(tiny_flux_dev_path, tmp_path):
+    from conftest import for_objective
+    from rewards_for_tests import brightness
+
+    values = for_objective(tiny_run_config(tiny_flux_dev_path, str(tmp_path / "out"), guidance_scale=3.0), "flow_grpo",
+                           sde_window_size=2)  # fmt: skip
+    trainer = Trainer(TrainConfig(**values), reward_fn=brightness)
+    metrics = trainer.run_round(0)
+    assert trainer.training_guidance_scale == 1.0  # guidance-distilled: no true CFG in the loss either
+    assert math.isfinite(metrics["loss"]) and metrics["log_prob_gap"] == pytest.approx(0.0, abs=1e-3)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, TRAIN_SCRIPT, python, tiny_run_config
+from conftest import REPO, TRAIN_SCRIPT, for_objective, python, tiny_run_config
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
@@ -70,14 +70,16 @@ def _run(cmd, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_processes_equal_one_process_with_double_batch(pretrained_tiny_sd3_path, tmp_path):
+@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo"])
+def test_two_processes_equal_one_process_with_double_batch(pretrained_tiny_sd3_path, tmp_path, objective):
     """accelerate launch with 2 real CPU processes (gloo), batch b each == 1 process with batch 2b, on the
     flow-matched tiny pipeline with guidance 2 and guided training (both CFG branches in the loss)."""
     common = dict(num_epochs=2, images_per_prompt=4, log_sample_rewards=True, learning_rate=1e-2,
                   weight_normalization="per_prompt", temperature=0.5)  # fmt: skip
     run = tmp_path / "run.yaml"
     one, two = tmp_path / "one", tmp_path / "two"
-    run.write_text(yaml.safe_dump(tiny_run_config(pretrained_tiny_sd3_path, str(one), **common)))
+    values = for_objective(tiny_run_config(pretrained_tiny_sd3_path, str(one), **common), objective, sde_window_size=2)
+    run.write_text(yaml.safe_dump(values))
     _run([python(), TRAIN_SCRIPT, "--config", str(run), "--sample_batch_size", "4", "--train_batch_size", "4"], tmp_path)
     accelerate = os.path.join(os.path.dirname(python()), "accelerate")
     _run(

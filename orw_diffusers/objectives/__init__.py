@@ -6,9 +6,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
+from .flow_grpo import FlowGRPO
 from .orw import ORWCFMW2
 
-OBJECTIVES: dict[str, type[Objective]] = {ORWCFMW2.name: ORWCFMW2}
+OBJECTIVES: dict[str, type[Objective]] = {ORWCFMW2.name: ORWCFMW2, FlowGRPO.name: FlowGRPO}
 
 
 def objective_class(name: str) -> type[Objective]:

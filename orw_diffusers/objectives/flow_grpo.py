@@ -1,0 +1,155 @@
+"""Flow-GRPO (Liu et al. 2025): SDE rollouts with per-step log-probs, group-relative advantages, and a
+PPO-clipped ratio loss per trained step plus a KL term to the adapter-free reference.
+
+The math is in ``sde.py`` and ``loss.py``; this file says what a rollout records and which losses a
+micro-batch yields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+
+from .. import streams
+from ..errors import ConfigError
+from ..flow import euler_step, per_sample_noise, sample_generator
+from ..loss import clipped_ratio_loss, group_advantages
+from ..sampling import VelocityField
+from ..sde import SDE_TYPES, sde_step, window_steps
+from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
+
+
+class FlowGRPO(Objective):
+    name = "flow_grpo"
+    config_keys = (
+        "noise_level", "sde_type", "sde_window_size", "sde_window_range", "global_std", "adv_clip_max",
+        "clip_range", "kl_beta",
+    )  # fmt: skip
+    progress_keys = ("kl",)
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if cfg.sde_type not in SDE_TYPES:
+            raise ConfigError(f"sde_type: {cfg.sde_type!r} is not one of {', '.join(SDE_TYPES)}")
+        if not 0 < cfg.noise_level <= (1.0 if cfg.sde_type == "cps" else 10.0):
+            raise ConfigError(f"noise_level: {cfg.noise_level!r} must be > 0 (and <= 1 with sde_type: cps)")
+        if cfg.sampling_solver != "euler":
+            raise ConfigError(
+                f"sampling_solver: {cfg.sampling_solver!r} is not supported by objective flow_grpo, whose steps "
+                f"outside the SDE window are Euler steps; use sampling_solver: euler"
+            )
+        n = cfg.num_sampling_steps
+        if not 0 <= cfg.sde_window_size <= n - 1:
+            raise ConfigError(
+                f"sde_window_size: {cfg.sde_window_size!r} must be between 0 (every step but the last) and "
+                f"num_sampling_steps - 1 = {n - 1}"
+            )
+        low, high = cls.window_range(cfg)
+        if not (0 <= low < high <= n and high - low >= cfg.sde_window_size):
+            raise ConfigError(
+                f"sde_window_range: {cfg.sde_window_range!r} must be [low, high] with 0 <= low < high <= "
+                f"num_sampling_steps ({n}) and room for sde_window_size ({cfg.sde_window_size}) steps"
+            )
+        for key in ("clip_range", "adv_clip_max"):
+            if not getattr(cfg, key) > 0:
+                raise ConfigError(f"{key}: {getattr(cfg, key)!r} must be > 0")
+        if not (math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0):
+            raise ConfigError(f"kl_beta: {cfg.kl_beta!r} must be >= 0 (0 drops the KL term)")
+
+    @staticmethod
+    def window_range(cfg: Any) -> tuple[int, int]:
+        """``sde_window_range``, default the first half of the trajectory."""
+        if cfg.sde_window_range is None:
+            return 0, max(cfg.num_sampling_steps // 2, cfg.sde_window_size, 1)
+        if len(cfg.sde_window_range) != 2:
+            raise ConfigError(f"sde_window_range: {cfg.sde_window_range!r} must be two step indices [low, high]")
+        return int(cfg.sde_window_range[0]), int(cfg.sde_window_range[1])
+
+    def steps(self, round_idx: int, num_steps: int) -> list[int]:
+        """The round's stochastic steps: the same on every process and in every batch of the round."""
+        low, high = self.window_range(self.cfg)
+        generator = sample_generator(self.cfg.seed, streams.SDE_WINDOW, round_idx)
+        return window_steps(num_steps, self.cfg.sde_window_size, low, high, generator)
+
+    def rollout(
+        self, field_fn: VelocityField, noise: torch.Tensor, sigmas: torch.Tensor, solver: str,
+        indices: torch.Tensor, round_idx: int,
+    ) -> RolloutRecord:  # fmt: skip
+        """SDE steps inside the window (recording latents before and after, log-prob and sigmas), Euler elsewhere."""
+        cfg, n = self.cfg, len(noise)
+        sigmas = sigmas.to(noise.device)
+        stochastic = set(self.steps(round_idx, len(sigmas) - 1))
+        sigma_max = sigmas[1].expand(n)
+        latents, records = noise, []
+        with torch.no_grad():
+            for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+                v = field_fn(latents, sigma.expand(n))
+                if i not in stochastic:
+                    latents = euler_step(latents, v, sigma, sigma_next)
+                    continue
+                eps = per_sample_noise(tuple(latents.shape[1:]), cfg.seed, (round_idx, streams.SDE_NOISE, i), indices)
+                step = sde_step(
+                    latents, v, sigma.expand(n), sigma_next.expand(n), cfg.noise_level, sigma_max,
+                    noise=eps.to(latents.device), sde_type=cfg.sde_type,
+                )  # fmt: skip
+                next_latents = step.next_latents.to(latents.dtype)
+                records.append((latents, next_latents, step.log_prob, sigma.expand(n), sigma_next.expand(n)))
+                latents = next_latents
+        stack = lambda k: torch.stack([r[k] for r in records], dim=1)  # noqa: E731 - [n, K, ...]
+        extras = {
+            "step_latents": stack(0), "step_next_latents": stack(1), "step_log_prob": stack(2).cpu(),
+            "step_sigma": stack(3).cpu().float(), "step_sigma_next": stack(4).cpu().float(),
+            "sigma_max": sigma_max.cpu().float(),
+        }  # fmt: skip
+        return RolloutRecord(latents=latents, extras=extras)
+
+    def signal(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> Signal:
+        advantages, keep = group_advantages(rewards, group_ids, self.cfg.global_std, self.cfg.adv_clip_max)
+        kept = advantages[keep]
+        metrics = {
+            "adv_abs_mean": kept.abs().mean() if len(kept) else torch.zeros(()),
+            "adv_max": advantages.abs().max(),
+            "masked_fraction": 1 - keep.float().mean(),
+        }
+        return Signal(torch.stack([advantages, keep.float()], dim=1), metrics)  # [B, 2]
+
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_beta > 0
+
+    def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
+        """One loss per trained step, each scaled by 1 / steps so their gradients sum to the mean."""
+        cfg, ex = self.cfg, batch.extras
+        advantages, keep = batch.signal[:, 0].float(), batch.signal[:, 1].float()
+        count = keep.sum().clamp_min(1.0)
+        num_steps = ex["step_latents"].shape[1]
+        device = batch.latents.device
+        for k in range(num_steps):
+            x, x_next = ex["step_latents"][:, k], ex["step_next_latents"][:, k]
+            sigma, sigma_next = ex["step_sigma"][:, k].to(device), ex["step_sigma_next"][:, k].to(device)
+            sigma_max, old_log_prob = ex["sigma_max"].to(device), ex["step_log_prob"][:, k].to(device)
+            v = fields.policy(x, sigma)
+            step = sde_step(x, v, sigma, sigma_next, cfg.noise_level, sigma_max, next_latents=x_next, sde_type=cfg.sde_type)
+            policy_loss, ratio = clipped_ratio_loss(step.log_prob, old_log_prob, advantages, cfg.clip_range)
+            policy_term = (policy_loss * keep).sum() / count
+            kl = torch.zeros((), device=device)
+            if self.needs_reference():
+                v_ref = fields.reference(x, sigma)
+                ref_mean = sde_step(
+                    x, v_ref, sigma, sigma_next, cfg.noise_level, sigma_max, next_latents=x_next, sde_type=cfg.sde_type
+                ).mean
+                dims = tuple(range(1, x.ndim))
+                # KL of two Gaussian transitions with the same std: |mean - mean_ref|^2 / (2 std^2), per element
+                per_sample = ((step.mean - ref_mean) ** 2).mean(dim=dims) / (2 * step.std.clamp_min(1e-12) ** 2)
+                kl = (per_sample * keep).sum() / count
+            loss = policy_term + cfg.kl_beta * kl
+            gap = (step.log_prob - old_log_prob).detach()
+            yield StepLoss(
+                loss / num_steps,
+                {
+                    "loss": loss.detach(), "policy_loss": policy_term.detach(), "kl": kl.detach(),
+                    "clip_fraction": ((ratio.detach() - 1).abs() > cfg.clip_range).float().mean(),
+                    "approx_kl": 0.5 * (gap**2).mean(), "log_prob_gap": gap.mean(),
+                },
+            )  # fmt: skip
