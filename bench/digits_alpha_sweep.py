@@ -29,6 +29,7 @@ import yaml
 from bench.common import REPO, TRAIN_SCRIPT
 
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
+GRPO_CONFIG = os.path.join(REPO, "configs", "digits_even_grpo.yaml")
 ODD_DIGITS = [1, 3, 5, 7, 9]
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SAMPLES = 48
@@ -45,6 +46,7 @@ class RunSpec:
     target: str = "even"  # "even" or "odd"
     uniform: bool = False  # the reward-free control
     overrides: dict[str, Any] = field(default_factory=dict)
+    objective: str = "orw_cfm_w2"  # flow_grpo: configs/digits_even_grpo.yaml, and alpha is not used
 
 
 def plan_runs(alphas: list[float], seeds: list[int], control_seeds: list[int], odd_alpha: float) -> list[RunSpec]:
@@ -63,14 +65,15 @@ def reward_spec(target: str, base: str) -> list[dict[str, Any]]:
 
 
 def train_argv(spec: RunSpec, base: str, out_dir: str, extra: dict[str, Any]) -> list[str]:
-    values: dict[str, Any] = {
-        "pretrained_model_name_or_path": base, "output_dir": out_dir, "seed": spec.seed,
-        "w2_coefficient": spec.alpha, "log_w2_distance": True, **extra, **spec.overrides,
-    }  # fmt: skip
+    orw = spec.objective == "orw_cfm_w2"
+    values: dict[str, Any] = {"pretrained_model_name_or_path": base, "output_dir": out_dir, "seed": spec.seed}
+    if orw:
+        values.update(w2_coefficient=spec.alpha, log_w2_distance=True)
+    values.update(**extra, **spec.overrides)
     if spec.uniform:
         values["weight_normalization"] = "uniform"
     values["reward"] = reward_spec(spec.target, base)
-    argv = ["--config", CONFIG]
+    argv = ["--config", CONFIG if orw else GRPO_CONFIG]
     for key, value in values.items():
         argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     return argv
@@ -111,7 +114,8 @@ def run_one(job: dict[str, Any]) -> None:
     result = {
         "spec": asdict(spec), "report": report,
         "reward": reward(images, prompts).rewards.mean().item(),
-        "w2_final": statistics.fmean(r["w2_loss"] for r in last),
+        # ORW's w2_loss; Flow-GRPO's velocity_gap, the same mean ||v - v_ref||^2 at its SDE trajectory's states
+        "w2_final": statistics.fmean(r["w2_loss"] if "w2_loss" in r else r["velocity_gap"] for r in last),
         "samples_seen": rows[-1]["samples_seen"], "rounds": len(rows),
         "round_seconds": sum(r["seconds"] for r in rows), "train_seconds": train_seconds,
         "reward_curve": [r["reward_mean"] for r in rows],

@@ -133,7 +133,7 @@ class FlowGRPO(Objective):
             step = sde_step(x, v, sigma, sigma_next, cfg.noise_level, sigma_max, next_latents=x_next, sde_type=cfg.sde_type)
             policy_loss, ratio = clipped_ratio_loss(step.log_prob, old_log_prob, advantages, cfg.clip_range)
             policy_term = (policy_loss * keep).sum() / count
-            kl = torch.zeros((), device=device)
+            kl = gap_v = torch.zeros((), device=device)
             if self.needs_reference():
                 v_ref = fields.reference(x, sigma)
                 ref_mean = sde_step(
@@ -143,12 +143,15 @@ class FlowGRPO(Objective):
                 # KL of two Gaussian transitions with the same std: |mean - mean_ref|^2 / (2 std^2), per element
                 per_sample = ((step.mean - ref_mean) ** 2).mean(dim=dims) / (2 * step.std.clamp_min(1e-12) ** 2)
                 kl = (per_sample * keep).sum() / count
+                # mean ||v - v_ref||^2 at the rollout's states: ORW's w2_loss taken on the SDE trajectory
+                gap_v = ((v.detach().float() - v_ref.float()) ** 2).mean()
             loss = policy_term + cfg.kl_beta * kl
             gap = (step.log_prob - old_log_prob).detach()
             yield StepLoss(
                 loss / num_steps,
                 {
                     "loss": loss.detach(), "policy_loss": policy_term.detach(), "kl": kl.detach(),
+                    "velocity_gap": gap_v,
                     "clip_fraction": ((ratio.detach() - 1).abs() > cfg.clip_range).float().mean(),
                     "approx_kl": 0.5 * (gap**2).mean(), "log_prob_gap": gap.mean(),
                 },
