@@ -37,7 +37,8 @@ def run(quick: bool = False, reps: int = 7) -> Section:
 
     spec = bench_spec(quick)
     # 2 prompts x 2 images, micro-batches of 2: optimise() runs 2 micro-batches per call
-    with fixed_round(spec, num_prompts=2) as rnd:
+    # the conditional branch: the floor below is of single-branch passes (bench.cfg_training measures guidance)
+    with fixed_round(spec, num_prompts=2, cfg_training="conditional") as rnd:
         trainer, rollout = rnd.trainer, rnd.rollout
         n_micro = trainer.sizes.micro_batches_per_process
 

@@ -13,6 +13,7 @@ sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root
 
 IN_PROCESS = [
     "w2_overhead",
+    "cfg_training",
     "reference_memory",
     "round_efficiency",
     "sampler_vs_diffusers",
