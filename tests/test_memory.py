@@ -157,3 +157,100 @@ def test_advice_names_a_knob_when_it_does_not_fit(tiny_planner, tiny_sd3_path):
     assert not advice.fits and advice.first_knob
     assert advice.steps[-1][1] < plan.peak
     assert "first knob: " in memory.format_plan(plan, budget, advice)
+
+
+def test_family_files_describe_the_architectures():
+    """The planner's shapes come from each family's ``memory_architectures``, not a table of its own."""
+    from orw_diffusers.models import FAMILIES, FluxFamily, SD3Family
+
+    described = {name for family in FAMILIES for name in family.memory_architectures}
+    assert set(memory.ARCHITECTURES) == described
+    assert memory.architecture(load_model_configs(SD35_MEDIUM)).family is SD3Family
+    assert memory.architecture(load_model_configs("black-forest-labs/FLUX.1-dev")).family is FluxFamily
+
+
+def test_every_registered_reward_has_a_size():
+    from orw_diffusers.rewards import REWARDS
+
+    assert set(REWARDS) <= set(memory.REWARD_MODELS)
+
+
+def _unsized_reward_run(tiny_sd3_path, tmp_path, monkeypatch) -> str:
+    """A run config whose reward is registered (so the config is valid) but unknown to the planner's table."""
+    from orw_diffusers import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "my_reward", lambda **kwargs: None)
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "pretrained_model_name_or_path": tiny_sd3_path,
+                "resolution": 16,
+                "prompts": ["a red cat", "a blue dog"],
+                "images_per_prompt": 2,
+                "sample_batch_size": 2,
+                "train_batch_size": 2,
+                "max_sequence_length": 8,
+                "rank": 4,
+                "reward": "my_reward",
+            }
+        )
+    )
+    return str(run)
+
+
+def test_unknown_reward_is_a_one_line_error_not_zero_bytes(tiny_planner, tiny_sd3_path, tmp_path, monkeypatch, capsys):
+    s = _tiny_settings(tiny_sd3_path, rewards=("my_reward",))
+    with pytest.raises(ConfigError) as err:
+        tiny_planner.plan(s)
+    message = str(err.value)
+    assert "\n" not in message and "'my_reward'" in message and "--reward_memory my_reward=" in message
+    # on the CPU it needs no GPU size
+    assert tiny_planner.plan(replace(s, reward_on_gpu=False)).peak > 0
+
+    run = _unsized_reward_run(tiny_sd3_path, tmp_path, monkeypatch)
+    assert memory.main(["--config", run, "--gpu_memory", "24GiB"]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith("error: reward 'my_reward'") and "--reward_memory" in stderr and "\n" not in stderr
+
+
+def test_reward_memory_flag_sizes_a_reward(tiny_planner, tiny_sd3_path, tmp_path, monkeypatch, capsys):
+    assert memory.parse_reward_memory(["my_reward=1.5GiB", "pkg.mod:fn=2MiB"]) == (
+        ("my_reward", int(1.5 * 2**30)),
+        ("pkg.mod:fn", 2 * 2**20),
+    )
+    with pytest.raises(ConfigError, match="NAME=SIZE"):
+        memory.parse_reward_memory(["1.5GiB"])
+
+    s = _tiny_settings(tiny_sd3_path, rewards=("my_reward",), reward_memory=(("my_reward", 2 * 2**30),))
+    plan = tiny_planner.plan(s)
+    assert plan.item("reward: my_reward (--reward_memory)").bytes == 2 * 2**30
+    without = tiny_planner.plan(replace(s, rewards=("jpeg_compressibility",)))
+    assert plan.phase_total("reward") - without.phase_total("reward") == 2 * 2**30
+    # 0 declares a reward that uses no GPU memory
+    assert tiny_planner.plan(replace(s, reward_memory=(("my_reward", 0),))).peak == without.peak
+
+    run = _unsized_reward_run(tiny_sd3_path, tmp_path, monkeypatch)
+    assert memory.main(["--config", run, "--gpu_memory", "24GiB", "--reward_memory", "my_reward=1GiB"]) == 0
+    assert "reward: my_reward (--reward_memory)" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_package():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "orw_diffusers.memory", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--gpu_memory" in out and "--reward_memory NAME=SIZE" in out
+
+
+def test_guided_training_doubles_the_training_activations(tiny_planner, tiny_sd3_path):
+    # cfg_training: guided batches both branches with gradients: the training trace runs 2x the rows
+    s = replace(_tiny_settings(tiny_sd3_path), guidance_scale=4.5, guided_training=True)
+    guided = tiny_planner.train_step_peak(s, batch=2)
+    conditional = tiny_planner.train_step_peak(replace(s, guided_training=False), batch=2)
+    unguided = tiny_planner.train_step_peak(replace(s, guidance_scale=1.0), batch=2)
+    assert conditional == unguided
+    assert guided > conditional
+    assert tiny_planner.train_step_peak(replace(s, guided_training=False), batch=4) == pytest.approx(guided, rel=0.2)

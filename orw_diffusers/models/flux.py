@@ -222,3 +222,27 @@ class FluxFamily(PipelineFamily):
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    #: This family's transformer as the memory planner (``orw_diffusers.memory``) builds and calls it on meta,
+    #: by transformer class. Plain data: the planner has configs but no loaded pipeline, so the shapes come from
+    #: the configs, mirroring ``latent_shape`` and ``_encode_prompts`` above.
+    memory_architectures: dict[str, dict[str, object]] = {
+        "FluxTransformer2DModel": {
+            # (transformer config, VAE scale factor, resolution) -> packed latent ((res / scale / 2)^2, 4C)
+            "latent_shape": lambda c, scale, res: ((res // scale // 2) ** 2, c["in_channels"]),
+            # (transformer config, text length) -> per-sample conditioning shapes
+            "cond_shapes": lambda c, n: {
+                "prompt_embeds": (n, c["joint_attention_dim"]),
+                "pooled": (c["pooled_projection_dim"],),
+            },
+            # (tokenizer max length, max_sequence_length) -> text length: T5's sequence is the only context
+            "text_length": lambda clip_length, t5_length: t5_length,
+            # v(model, x, sigma, cond, guidance_scale): dev embeds the guidance scale in every forward
+            # (``configure_guidance``); schnell has no guidance embedding
+            "velocity": lambda model, latents, sigmas, cond, guidance_scale: transformer_velocity(
+                model, latents, sigmas, cond, guidance_scale if model.config.guidance_embeds else None
+            ),
+            "doubles_batch_for_guidance": False,  # the guidance is embedded, not a doubled batch
+            "t5_optional": False,  # ``load`` refuses load_t5: false
+        },
+    }

@@ -110,3 +110,26 @@ class SD3Family(PipelineFamily):
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    #: This family's transformer as the memory planner (``orw_diffusers.memory``) builds and calls it on meta,
+    #: by transformer class. Plain data: the planner has configs but no loaded pipeline, so the shapes come from
+    #: the configs, mirroring ``latent_shape`` and ``_encode_prompts`` above.
+    memory_architectures: dict[str, dict[str, object]] = {
+        "SD3Transformer2DModel": {
+            # (transformer config, VAE scale factor, resolution) -> per-sample latent shape
+            "latent_shape": lambda c, scale, res: (c["in_channels"], res // scale, res // scale),
+            # (transformer config, text length) -> per-sample conditioning shapes
+            "cond_shapes": lambda c, n: {
+                "prompt_embeds": (n, c["joint_attention_dim"]),
+                "pooled": (c["pooled_projection_dim"],),
+            },
+            # (tokenizer max length, max_sequence_length) -> text length: CLIP tokens + T5 tokens
+            "text_length": lambda clip_length, t5_length: clip_length + t5_length,
+            # v(model, x, sigma, cond, guidance_scale): classifier-free guidance is the sampler's doubled batch
+            "velocity": lambda model, latents, sigmas, cond, guidance_scale: transformer_velocity(
+                model, latents, sigmas, cond
+            ),
+            "doubles_batch_for_guidance": True,
+            "t5_optional": True,  # load_t5: false zero-fills T5's part of the context
+        },
+    }

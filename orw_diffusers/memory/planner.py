@@ -1,0 +1,600 @@
+"""The plan: given a run config, the GPU bytes of every component in each phase of a round, and the fit.
+
+``MemoryPlanner`` builds the pipeline's models on meta once (``trace``) and traces each phase's
+activations. The transformer's shapes and call come from its family file (``memory_architectures``
+in ``models/<family>.py``); the reward models' sizes from ``REWARD_MODELS`` or ``--reward_memory``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..models import FAMILIES, family_for
+from ..models.base import Conditioning
+from ..models.pipeline import PipelineFamily
+from ..models.sd3 import JOINT_ATTENTION_TARGETS
+from .configs import ModelConfigs
+from .sizes import parse_size
+from .trace import checkpoint_under_autocast, meta_diffusers_model, meta_text_encoder, num_parameters, parameter_bytes
+from .trace import trace_peak
+
+PHASES = ("encode", "sample", "decode", "reward", "train")
+PHASE_HELP = {
+    "encode": "fill the prompt cache (text encoders on the GPU, nothing else yet)",
+    "sample": "one Euler step of the sampling batch (no grad; x2 batch with classifier-free guidance)",
+    "decode": "VAE decode of the sampling batch",
+    "reward": "reward model on the decoded images",
+    "train": "one training micro-batch: reference forward (no grad) + policy forward + backward",
+}
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REWARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# CUDA context, cuBLAS workspaces and caching-allocator slack: an assumption, not a measurement
+# (this planner was validated on CPU); override with --runtime_overhead.
+DEFAULT_RUNTIME_OVERHEAD = "0.75GiB"
+PROMPT_CACHE_BATCH = 8  # PromptCache encodes this many prompts per text-encoder call
+
+
+# ------------------------------------------------------------------------------------------------
+# What each transformer architecture takes (read from models/<family>.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to call one transformer class with meta inputs shaped like the trainer's. The fields other
+    than ``family`` are the family's ``memory_architectures`` entry (``models/<family>.py``)."""
+
+    #: the family whose file describes this transformer (its dtypes decide the mixed-precision knob)
+    family: type[PipelineFamily]
+    #: per-sample shape of the model's latent input, from (transformer config, VAE scale, resolution)
+    latent_shape: Callable[[dict, int, int], tuple[int, ...]]
+    #: per-sample conditioning shapes, from (transformer config, text length)
+    cond_shapes: Callable[[dict, int], dict[str, tuple[int, ...]]]
+    #: text length of the conditioning, from (tokenizer max length, max_sequence_length)
+    text_length: Callable[[int, int], int]
+    #: v(model, x, sigma, cond, guidance_scale) as the family calls the model (its ``transformer_velocity``)
+    velocity: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Conditioning, float], torch.Tensor]
+    #: whether classifier-free guidance doubles the sampling batch (FLUX.1-dev embeds guidance instead)
+    doubles_batch_for_guidance: bool
+    #: whether T5 can be dropped (``load_t5: false``) and the context zero-filled
+    t5_optional: bool
+
+
+def _family_architectures() -> dict[str, Architecture]:
+    """Transformer class -> Architecture, from every registered family (the first family naming a class wins)."""
+    table: dict[str, Architecture] = {}
+    for family in FAMILIES:
+        for name, spec in getattr(family, "memory_architectures", {}).items():
+            table.setdefault(name, Architecture(family, **spec))
+    return table
+
+
+# A read-only view built once from ``models.FAMILIES``: the shapes live in the family files, not here.
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(_family_architectures())
+# LoRA targets for a known transformer in a pipeline no family loads (so no family's defaults apply):
+# SD3's and FLUX's joint blocks name their attention projections alike.
+FALLBACK_LORA_TARGETS: tuple[str, ...] = JOINT_ATTENTION_TARGETS
+
+
+def architecture(configs: ModelConfigs) -> Architecture:
+    """The family-described architecture of ``configs``' transformer; an unknown class is a one-line error."""
+    name = configs.transformer_class
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"model {configs.source!r}: transformer {name!r} is not one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reward models (loaded by the reward factories, so counted from their public checkpoints)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A reward's model on the GPU. Activations: peak no-grad bytes per 224 px image in fp16,
+    measured once with ``trace_peak`` on the open_clip architecture."""
+
+    key: str  # rewards sharing a key share one loaded model (see rewards.common.load_once)
+    description: str
+    parameters: int
+    activation_bytes_per_image: int
+    #: set for a size given with ``--reward_memory``: all of its GPU bytes, as given (not scaled by reward_dtype)
+    given_bytes: Optional[int] = None
+
+    def weight_bytes(self, reward_dtype: str) -> int:
+        """Bytes resident for the whole round: the given size, or the parameters in ``reward_dtype``."""
+        if self.given_bytes is not None:
+            return self.given_bytes
+        return self.parameters * torch.finfo(REWARD_DTYPES[reward_dtype]).bits // 8
+
+
+_VIT_H = RewardModel("open_clip:ViT-H-14:laion2b_s32b_b79k", "open_clip ViT-H-14", 986_109_441, 8 * 2**20)
+REWARD_MODELS: dict[str, Optional[RewardModel]] = {
+    "clip_score": _VIT_H,
+    "clip_zero_shot": _VIT_H,
+    "hpsv2": replace(_VIT_H, key="open_clip:ViT-H-14:hpsv2", description="open_clip ViT-H-14 (HPSv2 weights)"),
+    "aesthetic": RewardModel("open_clip:ViT-L-14", "open_clip ViT-L-14 + aesthetic MLP", 428_544_482, 9 * 2**20),
+    "pickscore": RewardModel("hf:pickscore", "CLIP ViT-H-14 (PickScore)", 986_109_441, 8 * 2**20),
+    "digit_even": RewardModel("digits", "digit CNN", 30_000, 2**20),
+    "digit_in": RewardModel("digits", "digit CNN", 30_000, 2**20),
+    "jpeg_compressibility": None,  # PIL on the CPU
+    "jpeg_incompressibility": None,
+    "remote_http": None,  # another machine
+}
+# The CLI flag that sizes a reward this table lacks; the planner's errors and notes name it.
+REWARD_MEMORY_FLAG = "--reward_memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, items, plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The run-config values that decide GPU memory (see ``from_train_config``)."""
+
+    model: str
+    resolution: int = 512
+    train_batch_size: int = 2
+    sample_batch_size: int = 4
+    samples_per_process: int = 16
+    rank: int = 32
+    lora_alpha: Optional[float] = None
+    lora_target_modules: Optional[tuple[str, ...]] = None
+    mixed_precision: str = "fp16"
+    gradient_checkpointing: bool = False
+    prompt_cache: bool = True
+    load_t5: bool = True
+    max_sequence_length: int = 256
+    guidance_scale: float = 4.5
+    #: ``cfg_training: guided``: the training pass runs both guidance branches (a doubled batch)
+    guided_training: bool = True
+    reference_pass: bool = True
+    rewards: tuple[str, ...] = ("clip_score",)
+    reward_on_gpu: bool = True
+    reward_dtype: str = "float32"
+    reward_batch_size: int = 32
+    num_processes: int = 1
+    #: (reward name, GPU bytes) from ``--reward_memory``, for rewards ``REWARD_MODELS`` lacks (or to override it);
+    #: a tuple, not a dict, so that the settings stay hashable
+    reward_memory: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig, num_processes: int = 1, prompt_cache: bool = True) -> "PlanSettings":
+        from ..config import derive_sizes
+        from ..rewards import parse_reward_spec
+
+        if cfg.prompts_per_round:
+            num_prompts = cfg.prompts_per_round
+        else:
+            from ..prompts import load_prompts
+
+            num_prompts = len(load_prompts(cfg))
+        sizes = derive_sizes(cfg, num_prompts, num_processes)
+        return cls(
+            model=cfg.pretrained_model_name_or_path,
+            resolution=cfg.resolution,
+            train_batch_size=cfg.train_batch_size,
+            sample_batch_size=cfg.sample_batch_size,
+            samples_per_process=sizes.samples_per_process,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_target_modules=tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None,
+            mixed_precision=cfg.mixed_precision,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            prompt_cache=prompt_cache,
+            load_t5=cfg.load_t5,
+            max_sequence_length=cfg.max_sequence_length,
+            guidance_scale=cfg.guidance_scale,
+            guided_training=cfg.cfg_training == "guided",
+            reference_pass=cfg.w2_coefficient > 0 or cfg.log_w2_distance,
+            rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward)),
+            reward_on_gpu=not (cfg.reward_device or "").startswith("cpu"),
+            reward_dtype=cfg.reward_dtype,
+            reward_batch_size=cfg.reward_batch_size,
+            num_processes=num_processes,
+        )
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return WEIGHT_DTYPES[self.mixed_precision]
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return None if self.mixed_precision == "no" else self.weight_dtype
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One component of GPU memory and the phases of a round during which it is resident."""
+
+    group: str  # "frozen weights", "LoRA", "activations", "round data", "runtime"
+    name: str
+    bytes: int
+    phases: tuple[str, ...]
+
+
+@dataclass
+class MemoryPlan:
+    settings: PlanSettings
+    items: list[MemoryItem]
+    notes: list[str] = field(default_factory=list)
+
+    def phase_total(self, phase: str) -> int:
+        return sum(item.bytes for item in self.items if phase in item.phases)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.phase_total)
+
+    @property
+    def peak(self) -> int:
+        return self.phase_total(self.peak_phase)
+
+    def peak_items(self) -> list[MemoryItem]:
+        """The items resident in the peak phase; their bytes add up to ``peak``."""
+        return [item for item in self.items if self.peak_phase in item.phases]
+
+    def item(self, name: str) -> MemoryItem:
+        return next(i for i in self.items if i.name == name)
+
+    def fits(self, budget: int) -> bool:
+        return self.peak <= budget
+
+
+# ------------------------------------------------------------------------------------------------
+# The planner
+# ------------------------------------------------------------------------------------------------
+
+
+class MemoryPlanner:
+    """Builds each model of one pipeline on meta once and caches the traced activations, so that
+    ``plan`` can be called again and again (the knob search does) at little cost.
+
+    Activations are linear in the batch size (every operator is batch-parallel; only the
+    autocast copies of the weights are not), so each phase is traced at batch 1 and 2 and
+    extrapolated; ``trace_peak`` at any other batch gives the same number.
+    """
+
+    def __init__(self, configs: ModelConfigs):
+        self.configs = configs
+        self.arch = architecture(configs)
+        vae_cfg = configs.components["vae"]
+        self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
+        self._models: dict[Any, torch.nn.Module] = {}
+        self._traces: dict[Any, int] = {}
+        # the LoRA targets the trainer would use: its family's defaults where the family exists
+        try:
+            self.default_lora_targets = list(family_for(configs.pipeline_class).lora_target_modules)
+        except ConfigError:
+            self.default_lora_targets = list(FALLBACK_LORA_TARGETS)
+
+    # --- meta models --------------------------------------------------------------------------
+    def _cached(self, key: Any, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        if key not in self._models:
+            self._models[key] = build()
+        return self._models[key]
+
+    def lora_targets(self, s: PlanSettings) -> list[str]:
+        return list(s.lora_target_modules or self.default_lora_targets)
+
+    def transformer(self, s: PlanSettings) -> torch.nn.Module:
+        """The transformer with the trainer's two adapters (``lora.add_adapters``), on meta."""
+        from .. import lora
+
+        def build() -> torch.nn.Module:
+            model = meta_diffusers_model(self.configs.components["transformer"], s.weight_dtype)
+            with torch.device("meta"):  # peft creates the adapter layers on the current device
+                lora.add_adapters(model, s.rank, s.lora_alpha, self.lora_targets(s))
+            return model
+
+        return self._cached(("transformer", s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s))), build)
+
+    def vae(self, s: PlanSettings) -> torch.nn.Module:
+        return self._cached(
+            ("vae", s.weight_dtype), lambda: meta_diffusers_model(self.configs.components["vae"], s.weight_dtype).eval()
+        )
+
+    def text_encoders(self, s: PlanSettings) -> dict[str, torch.nn.Module]:
+        """The encoders the trainer loads (T5 only with ``load_t5`` where it is optional)."""
+        out = {}
+        for name, config in self.configs.text_encoders().items():
+            is_t5 = (config.get("model_type") == "t5") or "T5" in str(config.get("architectures"))
+            if is_t5 and self.arch.t5_optional and not s.load_t5:
+                continue
+            class_name = self.configs.model_index[name][1]
+            out[name] = self._cached(
+                (name, s.weight_dtype), lambda c=config, k=class_name: meta_text_encoder(c, s.weight_dtype, k)
+            )
+        return out
+
+    # --- shapes ----------------------------------------------------------------------------------
+    def latent_shape(self, s: PlanSettings) -> tuple[int, ...]:
+        return self.arch.latent_shape(self.configs.components["transformer"], self.vae_scale, s.resolution)
+
+    def text_length(self, s: PlanSettings) -> int:
+        return self.arch.text_length(self.configs.tokenizer_max_length(), s.max_sequence_length)
+
+    def cond_shapes(self, s: PlanSettings) -> dict[str, tuple[int, ...]]:
+        return self.arch.cond_shapes(self.configs.components["transformer"], self.text_length(s))
+
+    def _cond(self, s: PlanSettings, batch: int) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.randn(batch, *shape, dtype=s.weight_dtype, device="meta")
+            for k, shape in self.cond_shapes(s).items()
+        }
+
+    def _velocity(
+        self, s: PlanSettings, model: torch.nn.Module, x: torch.Tensor, sigmas: torch.Tensor, cond: dict
+    ) -> torch.Tensor:
+        return self.arch.velocity(model, x, sigmas, Conditioning(cond), s.guidance_scale)
+
+    # --- traced phases ---------------------------------------------------------------------------
+    def _linear(self, key: Any, batch: int, trace_at: Callable[[int], int]) -> int:
+        for b in (1, 2):
+            if (key, b) not in self._traces:
+                self._traces[(key, b)] = trace_at(b)
+        one, two = self._traces[(key, 1)], self._traces[(key, 2)]
+        return one + (batch - 1) * (two - one)
+
+    def _model_key(self, s: PlanSettings) -> tuple:
+        return (s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
+
+    def train_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
+        """Peak bytes of one training micro-batch, as ``Trainer.optimise`` runs it (gradients included)."""
+        from .. import lora
+        from ..flow import guided_velocity, interpolate, target_velocity
+        from ..loss import orw_cfm_w2_loss
+
+        model = self.transformer(s)
+        guided = self.guided_training(s)
+
+        def trace_at(b: int) -> int:
+            def velocity(x_t: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+                if not guided:
+                    return self._velocity(s, model, x_t, sigmas, cond)
+                # both branches in one batch, gradients through both (Trainer.training_fields)
+                v = self._velocity(s, model, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]), cond)
+                return guided_velocity(*v.chunk(2), s.guidance_scale)
+
+            def step() -> None:
+                latents = torch.randn(b, *self.latent_shape(s), dtype=s.weight_dtype, device="meta")
+                noise = torch.randn_like(latents)
+                sigmas = torch.rand(b, device="meta")
+                x_t = interpolate(latents, noise, sigmas)
+                v_target = target_velocity(latents, noise)
+                cond = self._cond(s, 2 * b if guided else b)  # the micro-batch's rows, moved from the prompt cache
+                v_ref = None
+                if s.reference_pass:
+                    with lora.reference(model):
+                        v_ref = velocity(x_t, sigmas, cond)
+                v_pred = velocity(x_t, sigmas, cond)
+                out = orw_cfm_w2_loss(v_pred, v_target, v_ref, torch.ones(b, device="meta"), 1.0)
+                out.loss.backward()
+
+            model.train()
+            if s.gradient_checkpointing:
+                model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_under_autocast)
+            try:
+                return trace_peak(step, s.autocast_dtype)
+            finally:
+                model.disable_gradient_checkpointing()
+                for p in model.parameters():
+                    p.grad = None
+
+        key = ("train", self._model_key(s), s.gradient_checkpointing, s.reference_pass, guided)
+        return self._linear(key, batch or s.train_batch_size, trace_at)
+
+    def guided_training(self, s: PlanSettings) -> bool:
+        """Whether a training micro-batch runs the two guidance branches (``cfg_training: guided``)."""
+        return s.guided_training and s.guidance_scale > 1 and self.arch.doubles_batch_for_guidance
+
+    def sample_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
+        """Peak bytes of one Euler step of ``sample_ode`` with the sampler adapter (no grad)."""
+        from .. import lora
+        from ..flow import euler_step, guided_velocity
+
+        model = self.transformer(s)
+        cfg = s.guidance_scale > 1 and self.arch.doubles_batch_for_guidance
+
+        def trace_at(b: int) -> int:
+            def step() -> torch.Tensor:
+                latents = torch.randn(b, *self.latent_shape(s), dtype=s.weight_dtype, device="meta")
+                cond = self._cond(s, b)
+                if cfg:
+                    uncond = self._cond(s, b)
+                    cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+                model_in = torch.cat([latents, latents]) if cfg else latents
+                sigmas = torch.rand(model_in.shape[0], device="meta")
+                with torch.no_grad(), lora.sampler_adapter(model):
+                    v = self._velocity(s, model, model_in, sigmas, cond)
+                if cfg:
+                    v = guided_velocity(*v.chunk(2), s.guidance_scale)
+                return euler_step(latents, v, 1.0, 0.9)
+
+            model.eval()
+            return trace_peak(step, s.autocast_dtype)
+
+        return self._linear(("sample", self._model_key(s), cfg), batch or s.sample_batch_size, trace_at)
+
+    def decode_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
+        """Peak bytes of ``family.decode`` of a sampling batch (output images included)."""
+        vae = self.vae(s)
+        vae_cfg = self.configs.components["vae"]
+        size = s.resolution // self.vae_scale
+
+        def trace_at(b: int) -> int:
+            def decode() -> torch.Tensor:
+                latents = torch.randn(
+                    b, vae_cfg.get("latent_channels", 4), size, size, dtype=s.weight_dtype, device="meta"
+                )
+                with torch.no_grad():
+                    images = vae.decode(latents, return_dict=False)[0]
+                return (images.float() / 2 + 0.5).clamp(0, 1)
+
+            return trace_peak(decode, s.autocast_dtype)
+
+        return self._linear(("decode", s.weight_dtype, s.resolution), batch or s.sample_batch_size, trace_at)
+
+    def encode_peak(self, s: PlanSettings) -> int:
+        """Peak bytes of one PromptCache batch through every text encoder (outputs kept, as
+        ``encode_prompt`` keeps them until it concatenates)."""
+        encoders = self.text_encoders(s)
+        key = ("encode", s.weight_dtype, tuple(encoders), s.max_sequence_length)
+        if key not in self._traces:
+
+            def encode() -> list:
+                outputs = []
+                with torch.no_grad():
+                    for encoder in encoders.values():
+                        is_t5 = encoder.config.model_type == "t5"
+                        length = s.max_sequence_length if is_t5 else self.configs.tokenizer_max_length()
+                        ids = torch.zeros(PROMPT_CACHE_BATCH, length, dtype=torch.long, device="meta")
+                        outputs.append(encoder(ids, output_hidden_states=not is_t5))
+                return outputs
+
+            self._traces[key] = trace_peak(encode, s.autocast_dtype) if encoders else 0
+        return self._traces[key]
+
+    # --- the plan --------------------------------------------------------------------------------
+    def plan(self, s: PlanSettings, runtime_overhead: int = parse_size(DEFAULT_RUNTIME_OVERHEAD)) -> MemoryPlan:
+        """Every component of GPU memory during a round, with the phases it is resident in."""
+        from .. import lora
+
+        all_round = ("sample", "decode", "reward", "train")
+        items: list[MemoryItem] = []
+        notes: list[str] = []
+        # first, so that an unsized reward is an error before any model is built
+        reward_models, reward_act = self.reward_models(s, notes)
+        model = self.transformer(s)
+        dt_bytes = torch.finfo(s.weight_dtype).bits // 8
+
+        # frozen weights
+        # buffers count too: SD3's position-embedding table is 384^2 x 1536 values in SD3.5-Medium
+        frozen = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+        frozen += sum(b.numel() * b.element_size() for b in model.buffers())
+        frozen_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        items.append(
+            MemoryItem(
+                "frozen weights", f"transformer ({frozen_count / 1e9:.2f} B params + buffers)", frozen, all_round
+            )
+        )
+        vae = self.vae(s)
+        items.append(
+            MemoryItem(
+                "frozen weights", f"VAE ({num_parameters(vae) / 1e6:.0f} M params)", parameter_bytes(vae), all_round
+            )
+        )
+        encoders = self.text_encoders(s)
+        te_phases = ("encode",) + (all_round if not s.prompt_cache else ())
+        for name, encoder in encoders.items():
+            label = f"{name} {type(encoder).__name__} ({num_parameters(encoder) / 1e9:.2f} B params)"
+            items.append(MemoryItem("frozen weights", label, parameter_bytes(encoder), te_phases))
+        for rm in reward_models:
+            dtype = "" if rm.given_bytes is not None else f" ({s.reward_dtype})"
+            items.append(
+                MemoryItem("frozen weights", f"reward: {rm.description}{dtype}", rm.weight_bytes(s.reward_dtype), all_round)
+            )
+
+        # LoRA: two adapters (trained + sampler) in fp32, gradients and AdamW's two moments for the trained one
+        trained = sum(p.numel() for p in lora.lora_parameters(model, lora.TRAINED))
+        both = sum(p.numel() for p in lora.lora_parameters(model, None))
+        items.append(
+            MemoryItem("LoRA", f"adapters: trained + sampler ({both / 1e6:.1f} M params, fp32)", 4 * both, all_round)
+        )
+        items.append(MemoryItem("LoRA", "AdamW state (2 moments, fp32)", 8 * trained, all_round))
+        grads = 4 * trained
+        items.append(MemoryItem("LoRA", "gradients (fp32)", grads, ("train",)))
+        if s.num_processes > 1:
+            items.append(MemoryItem("LoRA", "DDP gradient buckets", grads, all_round))
+
+        # the round's data kept on the GPU
+        latent_numel = math.prod(self.latent_shape(s))
+        items.append(
+            MemoryItem(
+                "round data",
+                f"round latents ({s.samples_per_process} samples)",
+                s.samples_per_process * latent_numel * dt_bytes,
+                all_round,
+            )
+        )
+        # The prompt embeddings are not round data: optimise takes each micro-batch's rows from the prompt
+        # cache (on the CPU), and those are in the training trace below.
+
+        # activations, traced
+        train_peak = self.train_step_peak(s)
+        ckpt = "with" if s.gradient_checkpointing else "without"
+        items.append(
+            MemoryItem(
+                "activations",
+                f"training micro-batch of {s.train_batch_size}"
+                + (" (x2: the guided velocity trains both branches)" if self.guided_training(s) else "")
+                + f" ({ckpt} gradient checkpointing)",
+                max(train_peak - grads, 0),
+                ("train",),
+            )
+        )
+        guided = s.guidance_scale > 1 and self.arch.doubles_batch_for_guidance
+        label = f"sampling batch of {s.sample_batch_size}" + (" (x2 for guidance)" if guided else "")
+        items.append(MemoryItem("activations", label, self.sample_step_peak(s), ("sample",)))
+        items.append(
+            MemoryItem("activations", f"VAE decode of {s.sample_batch_size} images", self.decode_peak(s), ("decode",))
+        )
+        images = s.sample_batch_size * 3 * s.resolution**2 * 4
+        items.append(MemoryItem("activations", "reward model (+ the decoded images)", reward_act + images, ("reward",)))
+        if encoders:
+            items.append(
+                MemoryItem(
+                    "activations", f"text encoders ({PROMPT_CACHE_BATCH} prompts)", self.encode_peak(s), ("encode",)
+                )
+            )
+        items.append(
+            MemoryItem("runtime", "CUDA context, workspaces, allocator slack (assumed)", runtime_overhead, PHASES)
+        )
+        if not s.prompt_cache:
+            notes.append("without the prompt cache the text encoders stay on the GPU for the whole run")
+        return MemoryPlan(s, items, notes)
+
+    def reward_models(self, s: PlanSettings, notes: Optional[list[str]] = None) -> tuple[list[RewardModel], int]:
+        """The reward models on the GPU (one per shared key) and their activations for one reward batch.
+
+        A reward that neither ``REWARD_MODELS`` nor ``--reward_memory`` sizes is a ``ConfigError``: counting
+        it as 0 bytes would call a plan fitting that may not fit.
+        """
+        if not s.reward_on_gpu:
+            return [], 0
+        given = dict(s.reward_memory)
+        models: dict[str, RewardModel] = {}
+        for name in s.rewards:
+            rm: Optional[RewardModel]
+            if name in given:  # the user's size wins over the table (e.g. a larger checkpoint via kwargs)
+                nbytes = given[name]
+                rm = RewardModel(f"given:{name}", f"{name} ({REWARD_MEMORY_FLAG})", 0, 0, nbytes) if nbytes else None
+            elif ":" in name:
+                if notes is not None:
+                    notes.append(
+                        f"reward {name!r} is user code: its GPU memory is not counted "
+                        f"(give it with {REWARD_MEMORY_FLAG} {name}=SIZE)"
+                    )
+                continue
+            elif name in REWARD_MODELS:
+                rm = REWARD_MODELS[name]  # None: the reward uses no GPU memory
+            else:
+                raise ConfigError(
+                    f"reward {name!r}: the memory planner does not know its GPU memory; give it with "
+                    f"{REWARD_MEMORY_FLAG} {name}=SIZE (e.g. {name}=1.5GiB, or {name}=0 if it uses no GPU)"
+                )
+            if rm is not None:
+                models.setdefault(rm.key, rm)
+        scale = (torch.finfo(REWARD_DTYPES[s.reward_dtype]).bits // 8) / 2  # the table is for fp16
+        per_batch = min(s.sample_batch_size, s.reward_batch_size)
+        act = int(sum(rm.activation_bytes_per_image for rm in models.values()) * per_batch * scale)
+        return list(models.values()), act
