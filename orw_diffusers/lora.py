@@ -67,16 +67,27 @@ def _adapter_of(param_name: str) -> Optional[str]:
 
 @torch.no_grad()
 def copy_adapter(transformer: torch.nn.Module, source: str = TRAINED, target: str = SAMPLER) -> None:
-    """Copy the weights of adapter ``source`` into adapter ``target`` (same modules, same rank)."""
-    params = dict(transformer.named_parameters())
-    marker_src, marker_dst = f".{source}.", f".{target}."
-    copied = 0
-    for name, param in params.items():
-        if _adapter_of(name) == target:
-            param.copy_(params[name.replace(marker_dst, marker_src)])
-            copied += 1
-    if copied == 0:
-        raise RuntimeError(f"adapter {target!r} has no LoRA parameters to copy into")
+    """Copy the weights of adapter ``source`` into adapter ``target`` (same modules, same rank).
+
+    Through peft's public API: ``get_peft_model_state_dict`` of ``source`` (adapter-free key names),
+    then ``set_peft_model_state_dict`` into ``target``. That loads with ``load_state_dict``, which
+    copies into the existing tensors: bit-exact, and ``target``'s parameters stay the same objects.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    for name in (source, target):
+        if name not in getattr(transformer, "peft_config", {}):
+            raise RuntimeError(f"adapter {name!r} is not attached; attached: {sorted(getattr(transformer, 'peft_config', {}))}")
+    state = get_peft_model_state_dict(transformer, adapter_name=source, save_embedding_layers=False)
+    if not state:
+        raise RuntimeError(f"adapter {source!r} has no LoRA parameters to copy")
+    result = set_peft_model_state_dict(transformer, state, adapter_name=target)
+    missing = [k for k in result.missing_keys if _adapter_of(k) == target]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"adapter {source!r} does not fit adapter {target!r}: "
+            f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+        )
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ A pipeline family (SD3, FLUX, ...) is one subclass of ``PipelineFamily`` in its 
 
 from __future__ import annotations
 
-import json
 import os
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -144,17 +143,13 @@ class PromptCache:
 
 
 def read_model_index(path_or_id: str, revision: Optional[str] = None) -> dict:
-    """``model_index.json`` of a local directory or a hub repo."""
-    if os.path.isdir(path_or_id):
-        file = os.path.join(path_or_id, "model_index.json")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{path_or_id!r} has no model_index.json: not a diffusers pipeline directory")
-    else:
-        from huggingface_hub import hf_hub_download
+    """``model_index.json`` of a local directory or a hub repo, read by ``DiffusionPipeline.load_config``
+    (the Hub cache, ``HF_HUB_OFFLINE`` and ``revision`` as diffusers handles them)."""
+    if os.path.isdir(path_or_id) and not os.path.isfile(os.path.join(path_or_id, "model_index.json")):
+        raise FileNotFoundError(f"{path_or_id!r} has no model_index.json: not a diffusers pipeline directory")
+    from diffusers import DiffusionPipeline
 
-        file = hf_hub_download(path_or_id, "model_index.json", revision=revision)
-    with open(file) as f:
-        return json.load(f)
+    return dict(DiffusionPipeline.load_config(path_or_id, revision=revision))
 
 
 def load_diffusers_pipeline(

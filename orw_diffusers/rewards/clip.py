@@ -82,7 +82,7 @@ def load_open_clip(
         import open_clip
 
         clip_model = open_clip.create_model(model, pretrained=pretrained, precision=_PRECISION[dtype], device=device)
-        preprocess_cfg = dict(clip_model.visual.preprocess_cfg)  # set by create_model (open_clip >= 2.23)
+        preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(clip_model))  # public since open_clip 2.24
         return OpenClipBundle(freeze(clip_model), open_clip.get_tokenizer(model), preprocess_cfg, device, dtype)
 
     return load_once(("open_clip", model, _weights_key(pretrained), str(device), dtype), load)
