@@ -11,13 +11,11 @@ their hooks in ``checkpoint.py``; the model card and the Hub upload in ``hub.py`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -27,33 +25,18 @@ from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
 from .images import mean_pairwise_distance
 from .models import FlowModel
-from .objectives import Fields, MicroBatch, RolloutRecord, build_objective
+from .objectives import Fields, MicroBatch, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
 from .prompts import load_prompts
-from .rewards import RewardOutput, clean_scores
+from .rollouts import Rollout, Rollouts
 from .run_log import RunLog, quiet_logging, reward_by_prompt
-from .sampling import VelocityField, guided_field, integrate
+from .sampling import guided_field
 
 logger = logging.getLogger(__name__)
 
 # Diversity is computed on at most this many samples (the first, in global order): pdist is quadratic.
 DIVERSITY_MAX_SAMPLES = 512
-
-
-@dataclass
-class Rollout:
-    """One round's samples on this process (local rows; ``indices`` are global sample indices)."""
-
-    latents: torch.Tensor  # [n, *latent_shape], clean x1, on the training device
-    extras: dict[str, torch.Tensor]  # what the objective recorded, name -> [n, ...]
-    prompts: list[str]  # [n]
-    indices: torch.Tensor  # [n] long, global sample index
-    rewards: torch.Tensor  # [n] float32 CPU
-    components: dict[str, torch.Tensor]  # name -> [n]
-    num_nonfinite: int
-    images: torch.Tensor  # [min(n, keep_images), 3, H, W] float32 CPU, for logging
-    embeddings: Optional[torch.Tensor] = None  # [n, D] from the reward's ``embed``, if it has one
 
 
 class Trainer:
@@ -109,6 +92,7 @@ class Trainer:
 
         self.reward_fn = reward_fn if reward_fn is not None else build.make_reward(cfg, self.device)
         self.embed_fn = getattr(self.reward_fn, "embed", None)
+        self.rollouts = Rollouts(self)
         self.hub_api = hub_api
         self.log = RunLog(cfg, acc, self.prompt_ids)
         if acc.is_main_process:
@@ -174,17 +158,6 @@ class Trainer:
         return out.cpu() if to_cpu else out
 
     # --- the velocity fields -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def sampler_field(self, prompts: list[str]) -> Iterator[VelocityField]:
-        """The field the sampler integrates for ``prompts`` (CFG as the family samples), no grad."""
-        family, n = self.family, len(prompts)
-        cond = family.conditioning(prompts, self.device)
-        uncond = family.negative_conditioning(n, self.device)
-        module = self.unwrapped
-        module.eval()
-        with self.policy.sampler(module) as net:
-            yield guided_field(family, net, cond, uncond, self.sampling_guidance_scale, self.accelerator.autocast)
-
     def training_fields(self, prompts: list[str]) -> Fields:
         """The policy's velocity (with grad) and the reference's, for a micro-batch of ``prompts``.
 
@@ -204,70 +177,14 @@ class Trainer:
 
         return Fields(policy=policy, reference=reference)
 
-    # --- phase 1 + 2: sample and reward --------------------------------------------------------
-    def sample_record(self, prompts: list[str], indices: torch.Tensor, round_idx: int) -> RolloutRecord:
-        """The objective's rollout of each (prompt, global index) with the sampler: x1 [n, *latent_shape] and extras."""
-        noise = per_sample_noise(self.latent_shape, self.cfg.seed, (round_idx, streams.SAMPLING_NOISE), indices)
-        noise = noise.to(self.device, self.weight_dtype)
-        with self.sampler_field(prompts) as field_fn:
-            return self.objective.rollout(
-                field_fn, noise, self.sampling_sigmas, self.cfg.sampling_solver, indices, round_idx
-            )
+    # --- phase 1 + 2: sample and reward (rollouts.py) ------------------------------------------
+    def rollout(self, round_idx: int) -> Rollout:
+        indices = self.local_indices()
+        sample_prompts = self.sample_prompts(round_idx)
+        return self.rollouts.collect([sample_prompts[int(i)] for i in indices], indices, round_idx)
 
     def sample_latents(self, prompts: list[str], indices: torch.Tensor, round_idx: int) -> torch.Tensor:
-        return self.sample_record(prompts, indices, round_idx).latents
-
-    @torch.no_grad()
-    def sample_from_noise(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-        """The sampler's ODE from ``noise`` [n, *latent_shape] to x1 (validation renders)."""
-        noise = noise.to(self.device, self.weight_dtype)
-        with self.sampler_field(prompts) as field_fn:
-            return integrate(field_fn, noise, self.sampling_sigmas, self.cfg.sampling_solver)
-
-    def score(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
-        out = self.reward_fn(images, prompts)
-        if isinstance(out, RewardOutput):
-            return out
-        scores, bad = clean_scores(torch.as_tensor(out).detach().float().cpu().reshape(-1), "reward")
-        return RewardOutput(scores, {"reward": scores}, bad)
-
-    def rollout(self, round_idx: int, keep_images: int = 16) -> Rollout:
-        indices = self.local_indices()
-        all_prompts = self.sample_prompts(round_idx)
-        prompts = [all_prompts[int(i)] for i in indices]
-        bs = self.cfg.sample_batch_size
-        latents, extras, rewards, images_kept, comps, bad, embeddings = [], {}, [], [], {}, 0, []
-        # Inner bars: main process, and only on a terminal (disable=None), so log files get the rounds bar only.
-        quiet = None if self.accelerator.is_main_process else True
-        for start in tqdm(range(0, len(indices), bs), desc="sampling", leave=False, disable=quiet):
-            batch_prompts = prompts[start : start + bs]
-            record = self.sample_record(batch_prompts, indices[start : start + bs], round_idx)
-            with torch.no_grad(), self.accelerator.autocast():
-                images = self.family.decode(record.latents)
-            out = self.score(images, batch_prompts)
-            latents.append(record.latents)
-            for name, value in record.extras.items():
-                extras.setdefault(name, []).append(value)
-            rewards.append(out.rewards)
-            for name, value in out.components.items():
-                comps.setdefault(name, []).append(value)
-            bad += out.num_nonfinite
-            if callable(self.embed_fn):
-                with torch.no_grad():
-                    embeddings.append(torch.as_tensor(self.embed_fn(images)).detach().float().reshape(len(images), -1))
-            if sum(len(im) for im in images_kept) < keep_images:
-                images_kept.append(images.cpu())
-        return Rollout(
-            latents=torch.cat(latents),
-            extras={k: torch.cat(v) for k, v in extras.items()},
-            prompts=prompts,
-            indices=indices,
-            rewards=torch.cat(rewards),
-            components={k: torch.cat(v) for k, v in comps.items()},
-            num_nonfinite=bad,
-            images=torch.cat(images_kept)[:keep_images],
-            embeddings=torch.cat(embeddings) if embeddings else None,
-        )
+        return self.rollouts.record(prompts, indices, round_idx).latents
 
     # --- phase 4: optimise ----------------------------------------------------------------------
     def optimise(self, rollout: Rollout, signal: torch.Tensor, round_idx: int) -> dict[str, torch.Tensor]:
@@ -393,10 +310,10 @@ class Trainer:
         bs = self.cfg.sample_batch_size
         images, rewards = [], []
         for start in range(0, len(prompts), bs):
-            x1 = self.sample_from_noise(prompts[start : start + bs], noise[start : start + bs])
+            x1 = self.rollouts.from_noise(prompts[start : start + bs], noise[start : start + bs])
             with torch.no_grad(), self.accelerator.autocast():
                 batch = self.family.decode(x1)
-            rewards.append(self.score(batch, prompts[start : start + bs]).rewards)
+            rewards.append(self.rollouts.score(batch, prompts[start : start + bs]).rewards)
             images.append(batch.cpu())
         rewards_t = torch.cat(rewards)
         self.log.validation(rounds_done, torch.cat(images), rewards_t)

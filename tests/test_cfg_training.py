@@ -40,7 +40,7 @@ def test_the_loss_velocity_is_what_the_sampler_integrates(tiny_sd3_path, tmp_pat
     with torch.no_grad():
         fields = trainer.training_fields(prompts)
         v_loss, v_ref = fields.policy(x, sigmas), fields.reference(x, sigmas)
-        with trainer.sampler_field(prompts) as field_fn:
+        with trainer.rollouts.sampler_field(prompts) as field_fn:
             v_sampled = field_fn(x, sigmas)
         cond = trainer.family.conditioning(prompts, trainer.device)
         v_cond = trainer.family.predict_velocity(trainer.unwrapped, x, sigmas, cond)

@@ -1,0 +1,109 @@
+"""Phases 1 and 2 of a round: sample with the sampler policy (the objective's rollout over the guided
+field) and score with the reward, batch by batch; and the validation renders' ODE from fixed noise."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import streams
+from .flow import per_sample_noise
+from .objectives import RolloutRecord
+from .rewards import RewardOutput, clean_scores
+from .sampling import VelocityField, guided_field, integrate
+
+
+@dataclass
+class Rollout:
+    """One round's samples on this process (local rows; ``indices`` are global sample indices)."""
+
+    latents: torch.Tensor  # [n, *latent_shape], clean x1, on the training device
+    extras: dict[str, torch.Tensor]  # what the objective recorded, name -> [n, ...]
+    prompts: list[str]  # [n]
+    indices: torch.Tensor  # [n] long, global sample index
+    rewards: torch.Tensor  # [n] float32 CPU
+    components: dict[str, torch.Tensor]  # name -> [n]
+    num_nonfinite: int
+    images: torch.Tensor  # [min(n, keep_images), 3, H, W] float32 CPU, for logging
+    embeddings: Optional[torch.Tensor] = None  # [n, D] from the reward's ``embed``, if it has one
+
+
+class Rollouts:
+    """The sampling side of a ``Trainer`` (``trainer``: its model, policy, objective, reward and sizes)."""
+
+    def __init__(self, trainer: Any):
+        self.t = trainer
+
+    @contextlib.contextmanager
+    def sampler_field(self, prompts: list[str]) -> Iterator[VelocityField]:
+        """The field the sampler integrates for ``prompts`` (CFG as the family samples), no grad."""
+        family, n = self.t.family, len(prompts)
+        cond = family.conditioning(prompts, self.t.device)
+        uncond = family.negative_conditioning(n, self.t.device)
+        module = self.t.unwrapped
+        module.eval()
+        with self.t.policy.sampler(module) as net:
+            yield guided_field(family, net, cond, uncond, self.t.sampling_guidance_scale, self.t.accelerator.autocast)
+
+    def record(self, prompts: list[str], indices: torch.Tensor, round_idx: int) -> RolloutRecord:
+        """The objective's rollout of each (prompt, global index) with the sampler: x1 [n, *latent_shape] and extras."""
+        noise = per_sample_noise(self.t.latent_shape, self.t.cfg.seed, (round_idx, streams.SAMPLING_NOISE), indices)
+        noise = noise.to(self.t.device, self.t.weight_dtype)
+        with self.sampler_field(prompts) as field_fn:
+            return self.t.objective.rollout(
+                field_fn, noise, self.t.sampling_sigmas, self.t.cfg.sampling_solver, indices, round_idx
+            )
+
+    @torch.no_grad()
+    def from_noise(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """The sampler's ODE from ``noise`` [n, *latent_shape] to x1 (validation renders)."""
+        noise = noise.to(self.t.device, self.t.weight_dtype)
+        with self.sampler_field(prompts) as field_fn:
+            return integrate(field_fn, noise, self.t.sampling_sigmas, self.t.cfg.sampling_solver)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        out = self.t.reward_fn(images, prompts)
+        if isinstance(out, RewardOutput):
+            return out
+        scores, bad = clean_scores(torch.as_tensor(out).detach().float().cpu().reshape(-1), "reward")
+        return RewardOutput(scores, {"reward": scores}, bad)
+
+    def collect(self, prompts: list[str], indices: torch.Tensor, round_idx: int, keep_images: int = 16) -> Rollout:
+        """This process's samples of the round: ``prompts`` [n] at global ``indices`` [n], sampled and scored."""
+        bs = self.t.cfg.sample_batch_size
+        latents, extras, rewards, images_kept, comps, bad, embeddings = [], {}, [], [], {}, 0, []
+        # Inner bars: main process, and only on a terminal (disable=None), so log files get the rounds bar only.
+        quiet = None if self.t.accelerator.is_main_process else True
+        for start in tqdm(range(0, len(indices), bs), desc="sampling", leave=False, disable=quiet):
+            batch_prompts = prompts[start : start + bs]
+            record = self.record(batch_prompts, indices[start : start + bs], round_idx)
+            with torch.no_grad(), self.t.accelerator.autocast():
+                images = self.t.family.decode(record.latents)
+            out = self.score(images, batch_prompts)
+            latents.append(record.latents)
+            for name, value in record.extras.items():
+                extras.setdefault(name, []).append(value)
+            rewards.append(out.rewards)
+            for name, value in out.components.items():
+                comps.setdefault(name, []).append(value)
+            bad += out.num_nonfinite
+            if callable(self.t.embed_fn):
+                with torch.no_grad():
+                    embeddings.append(torch.as_tensor(self.t.embed_fn(images)).detach().float().reshape(len(images), -1))
+            if sum(len(im) for im in images_kept) < keep_images:
+                images_kept.append(images.cpu())
+        return Rollout(
+            latents=torch.cat(latents),
+            extras={k: torch.cat(v) for k, v in extras.items()},
+            prompts=prompts,
+            indices=indices,
+            rewards=torch.cat(rewards),
+            components={k: torch.cat(v) for k, v in comps.items()},
+            num_nonfinite=bad,
+            images=torch.cat(images_kept)[:keep_images],
+            embeddings=torch.cat(embeddings) if embeddings else None,
+        )
