@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -16,7 +16,8 @@ from .rewards import build_reward
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
+def make_accelerator(cfg: TrainConfig, cpu: Optional[bool] = None) -> Any:
+    """``cpu``: force the CPU (True) or not; default: the CPU when there is no CUDA device."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -25,7 +26,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() if cpu is None else cpu,
     )
 
 
@@ -39,7 +40,12 @@ def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def load_model(cfg: TrainConfig, dtype: torch.dtype) -> FlowModel:
-    """The pipeline of ``pretrained_model_name_or_path``, on CPU in ``dtype``."""
+    """The pipeline of ``pretrained_model_name_or_path``, on CPU in ``dtype``; or, with ``model_factory``,
+    the plain velocity model it builds (fp32: its trained weights are the model's own)."""
+    if cfg.model_factory:
+        from .models.velocity import build_velocity_model
+
+        return build_velocity_model(cfg)
     options = LoadOptions(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.load_t5, cfg.max_sequence_length)
     return load_family(options, dtype)
 

@@ -254,7 +254,7 @@ class StateHooks:
     def load_hook(self, models: list, directory: str) -> None:
         """Every process: the policy's weights and the round counter."""
         models.clear()  # nothing of the frozen model is in a checkpoint
-        self.policy.load_checkpoint(directory, self.module())
+        self.policy.load_checkpoint(directory, self.model, self.module())
         state = read_state(directory)
         self.rounds_done = state.rounds_done
         if self.accelerator.is_main_process:

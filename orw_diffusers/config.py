@@ -37,6 +37,36 @@ class TrainConfig:
     variant: Optional[str] = _help("Weight file variant to load, e.g. 'fp16'.", None)
     load_t5: bool = _help("Load the T5 text encoder (SD3). False saves ~9 GB; T5 context is then zeros.", True)
     max_sequence_length: int = _help("T5 token length of the prompt context (diffusers' default 256).", 256)
+    # --- plain velocity models (model_factory; pretrained_model_name_or_path is then unused) -------
+    model_factory: Optional[str] = _help(
+        "'module:function' or 'file.py:function' returning an nn.Module called as model(t, x[, y=labels]) "
+        "(torchcfm's convention: t = 0 noise, t = 1 data, the velocity towards the data). Set: train it instead "
+        "of a pipeline (pixel space; class-conditional when it has an int num_classes, prompts then being labels).",
+        None,
+    )
+    model_kwargs: Any = _help("Keyword arguments of model_factory (a mapping).", None)
+    model_checkpoint: Optional[str] = _help(
+        "Weights of the model_factory model: a .safetensors state dict, or a torch file read with "
+        "weights_only=True: torchcfm's {net_model, ema_model, optim, sched, step} (ema_model when present; the "
+        "optimizer and scheduler are never restored) or a bare state dict.",
+        None,
+    )
+    checkpoint_key: Optional[str] = _help(
+        "The entry of model_checkpoint to load, e.g. 'net_model'. Default: 'ema_model' if present, else 'net_model'.",
+        None,
+    )
+    image_shape: Optional[list[int]] = _help(
+        "[C, H, W] of a sample (C 1 or 3). Default: the model's in_channels and image_size (torchcfm's UNet).", None
+    )
+    data_range: list[float] = _help(
+        "[low, high]: the pixel range of the model's data (torchcfm's [-1, 1]); rewards see images in [0, 1].",
+        factory=lambda: [-1.0, 1.0],
+    )
+    null_class: Optional[int] = _help(
+        "Class-conditional models: the label of classifier-free guidance's unconditional branch "
+        "(needed for guidance_scale > 1).",
+        None,
+    )
     # --- output, logging ---------------------------------------------------------------------
     output_dir: str = _help("Where weights, config.yaml, metrics.jsonl and samples go.", "orw-cfm-w2-output")
     seed: int = _help("Seed of every random draw (sampling noise, training noise, sigmas, prompt order).", 0)
@@ -48,9 +78,17 @@ class TrainConfig:
         "'all' or 'none'.",
         "tensorboard",
     )
+    tracker_project: str = _help("Project name of the trackers (e.g. the wandb project).", "orw-cfm-w2")
+    tracker_run_name: Optional[str] = _help("Run name shown by the trackers (wandb). Default: the tracker's.", None)
     # --- precision, memory -------------------------------------------------------------------
     mixed_precision: str = _help("'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32.", "no")
     gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
+    # --- policy: how the trained weights, the sampler and the reference are held ---------------
+    policy: Optional[str] = _help(
+        "'lora' (two adapters; reference = adapters off) or 'full' (every weight trained; a frozen reference copy "
+        "and a sampler copy). Default: the model's (pipelines: lora; plain velocity models: full).",
+        None,
+    )
     # --- LoRA --------------------------------------------------------------------------------
     rank: int = _help("LoRA rank.", 32)
     lora_alpha: Optional[float] = _help("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
@@ -275,7 +313,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 # Keys holding local paths: '~' and $VARIABLES are expanded, as a shell would.
-_PATH_KEYS = ("pretrained_model_name_or_path", "output_dir", "prompt_file", "prompt_dataset", "resume_from_checkpoint")
+_PATH_KEYS = ("pretrained_model_name_or_path", "output_dir", "prompt_file", "prompt_dataset", "resume_from_checkpoint",
+              "model_checkpoint")
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -374,8 +413,12 @@ def check_model_path(path: str, key: str = "pretrained_model_name_or_path") -> N
         raise ConfigError(f"{key}: {path!r} is not an existing local directory nor a hub id like 'org/model'")
 
 
-def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
-    """Check every value and cross-field rule; return the derived sizes. Loads no model."""
+def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False) -> Sizes:
+    """Check every value and cross-field rule; return the derived sizes. Loads no model.
+
+    ``model_given``: the trainer gets a plain velocity model object (``orw_diffusers.cfm``), so
+    ``pretrained_model_name_or_path`` is not read and the velocity keys apply without ``model_factory``.
+    """
     from .objectives import validate_objective
     from .prompts import load_prompts
     from .rewards import parse_reward_spec
@@ -412,10 +455,17 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> Sizes:
     _check_choice("reward_dtype", cfg.reward_dtype, REWARD_DTYPES)
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
-    check_model_path(cfg.pretrained_model_name_or_path)
-    from .models import check_model_precision
+    from .models.velocity import validate_velocity_config
+    from .policies import POLICIES
 
-    check_model_precision(cfg.pretrained_model_name_or_path, cfg.revision, cfg.mixed_precision)
+    if cfg.policy is not None:
+        _check_choice("policy", cfg.policy, tuple(POLICIES))
+    validate_velocity_config(cfg, model_given)
+    if cfg.model_factory is None and not model_given:  # a pipeline: the path names one, its family takes the precision
+        check_model_path(cfg.pretrained_model_name_or_path)
+        from .models import check_model_precision
+
+        check_model_precision(cfg.pretrained_model_name_or_path, cfg.revision, cfg.mixed_precision)
     parse_reward_spec(cfg.reward)  # names and weights; the models load later
     prompts = load_prompts(cfg)
     if cfg.prompts_per_round is not None and cfg.prompts_per_round <= 0:

@@ -1,5 +1,8 @@
 """The two LoRA adapters on the one transformer, and the adapter-disabled reference.
 
+Works on a diffusers model (its ``add_adapter`` / ``set_adapter``) and on any plain ``nn.Module``
+(peft's ``inject_adapter_in_model``, the adapter switched layer by layer).
+
 - ``default``: the adapter being trained (its parameters are the optimizer's).
 - ``sampler``: the adapter that generates each round's samples; a copy of ``default``, refreshed
   every ``sampler_update_interval`` rounds.
@@ -43,12 +46,26 @@ def add_adapters(
         )
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            transformer.add_adapter(config, adapter_name=name)
+            if hasattr(transformer, "add_adapter"):  # diffusers' PeftAdapterMixin
+                transformer.add_adapter(config, adapter_name=name)
+            else:
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, transformer, adapter_name=name)
     for param in lora_parameters(transformer, None):
         param.data = param.data.float()
     copy_adapter(transformer, TRAINED, SAMPLER)
-    transformer.set_adapter(TRAINED)  # peft makes only the active adapter trainable
+    set_active_adapter(transformer, TRAINED)  # peft makes only the active adapter trainable
     return lora_parameters(transformer, TRAINED)
+
+
+def set_active_adapter(transformer: torch.nn.Module, adapter: str) -> None:
+    """Make ``adapter`` the one that runs (and the only trainable one)."""
+    if hasattr(transformer, "set_adapter"):  # diffusers' PeftAdapterMixin
+        transformer.set_adapter(adapter)
+        return
+    for layer in tuner_layers(transformer):
+        layer.set_adapter(adapter)
 
 
 def lora_parameters(transformer: torch.nn.Module, adapter: Optional[str]) -> list[torch.nn.Parameter]:
@@ -120,7 +137,8 @@ def tuner_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     Found once per model and cached; found again when an adapter is added or deleted. A model
     without adapters is an error, as in diffusers.
     """
-    if not getattr(transformer, "_hf_peft_config_loaded", False):
+    # diffusers marks a model with adapters; peft's inject_adapter_in_model leaves its peft_config on a plain module
+    if not (getattr(transformer, "_hf_peft_config_loaded", False) or getattr(transformer, "peft_config", None)):
         raise ValueError("No adapter loaded. Please load an adapter first.")
     adapters = tuple((name, id(config)) for name, config in transformer.peft_config.items())
     cached = _TUNER_LAYERS.get(transformer)
@@ -135,12 +153,12 @@ def tuner_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def sampler_adapter(transformer: torch.nn.Module) -> Iterator[None]:
     """Run the ``sampler`` adapter (no grad); the trained adapter is active again on exit."""
-    transformer.set_adapter(SAMPLER)
+    set_active_adapter(transformer, SAMPLER)
     try:
         with torch.no_grad():
             yield
     finally:
-        transformer.set_adapter(TRAINED)
+        set_active_adapter(transformer, TRAINED)
 
 
 def adapter_state_dict(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict[str, torch.Tensor]:
@@ -169,3 +187,26 @@ def load_adapter_state_dict(transformer: torch.nn.Module, state_dict: dict[str, 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"unexpected LoRA keys for adapter {adapter!r}: {unexpected[:3]}")
+
+
+@torch.no_grad()
+def merged_state_dict(transformer: torch.nn.Module, adapter: str = TRAINED) -> dict[str, torch.Tensor]:
+    """The model's weights with ``adapter`` merged in, under the key names of the model without adapters.
+
+    ``[name].base_layer.weight`` + the adapter's delta becomes ``[name].weight``; the other adapters are
+    left out. The model is not changed. CPU, float32 for floating tensors.
+    """
+    tuned = {id(layer) for layer in tuner_layers(transformer)}
+    deltas = {}
+    for name, layer in transformer.named_modules():
+        if id(layer) in tuned and adapter in getattr(layer, "lora_A", {}):
+            deltas[f"{name}.base_layer.weight"] = layer.get_delta_weight(adapter)
+    out = {}
+    for key, value in transformer.state_dict().items():
+        if _adapter_of(key) is not None:
+            continue
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        value = value.detach().to("cpu")
+        out[key.replace(".base_layer.", ".")] = value.float() if value.is_floating_point() else value
+    return out

@@ -64,6 +64,8 @@ def _read_prompt_dataset(name: str, split: str, column: str) -> list[str]:
 def load_prompts(cfg: "TrainConfig") -> list[str]:
     """All training prompts, in file order. Exactly one source must be set."""
     sources = [k for k in ("prompts", "prompt_file", "prompt_dataset") if getattr(cfg, k)]
+    if not sources and getattr(cfg, "model_factory", None):
+        return [""]  # a plain velocity model: one empty prompt (unused by an unconditional model)
     if len(sources) != 1:
         got = ", ".join(sources) if sources else "none"
         raise _error(f"prompts: set exactly one of prompts, prompt_file, prompt_dataset (got {got})")

@@ -44,8 +44,10 @@ class RunLog:
         acc.wait_for_everyone()
         if cfg.report_to != "none":
             init_kwargs = {"tensorboard": {"purge_step": start_round}} if start_round else {}
+            if cfg.tracker_run_name:
+                init_kwargs["wandb"] = {"name": cfg.tracker_run_name}
             config = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("orw-cfm-w2", config=config, init_kwargs=init_kwargs)
+            acc.init_trackers(cfg.tracker_project, config=config, init_kwargs=init_kwargs)
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         """One row of metrics.jsonl, and its numbers to the trackers at step ``epoch``."""

@@ -86,7 +86,7 @@ class Trainer:
         self.policy = build_policy(cfg, model)
         self.params = self.policy.attach(model.denoiser)
         if cfg.gradient_checkpointing:
-            model.denoiser.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing()
         optimizer, lr_scheduler = build.make_optimizer(cfg, self.params, acc.num_processes)
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(model.denoiser, optimizer, lr_scheduler)
 

@@ -43,8 +43,8 @@ def digits_cache_dir(cache_dir: Optional[str] = None) -> str:
     return cache_dir or os.environ.get("ORW_DIFFUSERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "orw_diffusers")
 
 
-def load_digit_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``split`` in {"train", "heldout"} -> (images float[N, 3, 16, 16] in [0, 1], labels long[N])."""
+def load_digit_pixels(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split`` in {"train", "heldout"} -> (the raw 8x8 digits float[N, 1, 8, 8] in [0, 1], labels long[N])."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -55,8 +55,13 @@ def load_digit_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         range(len(data.target)), test_size=HELDOUT_FRACTION, stratify=data.target, random_state=SPLIT_SEED
     )
     idx = torch.as_tensor(train_idx if split == "train" else heldout_idx)
-    pixels = torch.as_tensor(data.images, dtype=torch.float32)[idx, None] / 16.0  # [N, 1, 8, 8]
+    return torch.as_tensor(data.images, dtype=torch.float32)[idx, None] / 16.0, torch.as_tensor(data.target)[idx].long()
+
+
+def load_digit_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split`` in {"train", "heldout"} -> (images float[N, 3, 16, 16] in [0, 1], labels long[N])."""
+    pixels, labels = load_digit_pixels(split)  # [N, 1, 8, 8]
     images = F.interpolate(pixels, size=DIGITS_RESOLUTION, mode="bilinear", align_corners=False)
-    return images.clamp(0, 1).repeat(1, 3, 1, 1), torch.as_tensor(data.target)[idx].long()
+    return images.clamp(0, 1).repeat(1, 3, 1, 1), labels
 
 

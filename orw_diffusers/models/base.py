@@ -46,6 +46,8 @@ class FlowModel(ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
     #: why a dtype outside ``supported_dtypes`` is refused: one clause for the one-line config error
     precision_note: ClassVar[str] = ""
+    #: the policy (``policies.POLICIES``) of a run that leaves ``policy`` unset
+    default_policy: ClassVar[str] = "lora"
 
     @property
     @abstractmethod
@@ -98,3 +100,20 @@ class FlowModel(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images float32 [B, 3, H, W] in [0, 1]."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's activations in backward (``gradient_checkpointing: true``)."""
+        self.denoiser.enable_gradient_checkpointing()
+
+    # --- LoRA files -----------------------------------------------------------------------------
+    @abstractmethod
+    def save_lora_weights(self, save_directory: str, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+        """Write one adapter (peft's adapter-free key names, its LoRA config) into ``save_directory``."""
+
+    @abstractmethod
+    def read_lora_weights(self, directory: str) -> dict[str, torch.Tensor]:
+        """What ``save_lora_weights`` wrote into ``directory``, with peft's adapter-free key names."""
+
+    def lora_usage(self, directory: str) -> str:
+        """One line: where ``save_lora_weights`` put the adapter of ``directory`` and how to load it."""
+        return f"LoRA weights in {directory}"

@@ -114,6 +114,17 @@ class PipelineFamily(FlowModel):
             save_directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
         )
 
+    def read_lora_weights(self, directory: str) -> dict[str, torch.Tensor]:
+        from ..checkpoint import LORA_WEIGHTS_NAME, read_lora_file
+
+        return read_lora_file(os.path.join(directory, LORA_WEIGHTS_NAME))
+
+    def lora_usage(self, directory: str) -> str:
+        from ..checkpoint import LORA_WEIGHTS_NAME
+
+        path = os.path.join(directory, LORA_WEIGHTS_NAME)
+        return f"LoRA weights: {path} (load with pipe.load_lora_weights({directory!r}))"
+
 
 class PromptCache:
     """Prompt embeddings computed once per unique prompt and kept on CPU in the weight dtype.

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from ..errors import ConfigError
 from ..models.base import FlowModel
 from .base import Policy
+from .full import FullPolicy
 from .lora import LoRAPolicy
 
 
-def build_policy(cfg: Any, model: FlowModel) -> Policy:
-    """The run's policy: LoRA adapters on the model's denoiser (its default target modules unless set)."""
+def _lora(cfg: Any, model: FlowModel) -> Policy:
+    # the model's default target modules unless the run names them
     return LoRAPolicy(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules or model.lora_target_modules)
 
 
-__all__ = ["Policy", "LoRAPolicy", "build_policy"]
+def _full(cfg: Any, model: FlowModel) -> Policy:
+    return FullPolicy()
+
+
+#: the ``policy`` key's values
+POLICIES: dict[str, Callable[[Any, FlowModel], Policy]] = {"lora": _lora, "full": _full}
+
+
+def build_policy(cfg: Any, model: FlowModel) -> Policy:
+    """The run's policy: ``cfg.policy``, else the model's default (pipelines: LoRA; plain velocity models: full)."""
+    name = getattr(cfg, "policy", None) or model.default_policy
+    if name not in POLICIES:
+        raise ConfigError(f"policy: {name!r} is not one of {', '.join(POLICIES)}")
+    return POLICIES[name](cfg, model)
+
+
+__all__ = ["Policy", "LoRAPolicy", "FullPolicy", "POLICIES", "build_policy"]

@@ -42,12 +42,16 @@ class Policy(ABC):
         """Write the trained and the sampler weights into a checkpoint directory (main process)."""
 
     @abstractmethod
-    def load_checkpoint(self, directory: str, module: torch.nn.Module) -> None:
+    def load_checkpoint(self, directory: str, model: FlowModel, module: torch.nn.Module) -> None:
         """Restore what ``save_checkpoint`` wrote, in place (the optimizer keeps its parameters)."""
 
     @abstractmethod
     def save(self, output_dir: str, model: FlowModel, module: torch.nn.Module) -> str:
         """Write the trained weights for use after training; return a one-line note of where and how to load."""
+
+    @abstractmethod
+    def export_weights(self, module: torch.nn.Module, sampler: bool = False) -> dict[str, torch.Tensor]:
+        """The trained (or the sampler's) weights as a state dict of the model without adapters (CPU)."""
 
     def describe(self, cfg: Any) -> str:
         """One line for the start-up log."""

@@ -1,7 +1,8 @@
 """The LoRA policy: two adapters on the one denoiser, the reference is the adapters disabled (no copy).
 
 - ``default`` is trained; ``sampler`` generates the rollouts and is refreshed from ``default``.
-- Checkpoints and the final weights are diffusers-format LoRA files (``model.save_lora_weights``).
+- Checkpoints and the final weights are the model's LoRA files (``model.save_lora_weights``: diffusers
+  format for a pipeline, a safetensors file with peft's key names for a plain velocity model).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import lora
-from ..checkpoint import LORA_WEIGHTS_NAME, SAMPLER_SUBDIR, read_lora_file
+from ..checkpoint import SAMPLER_SUBDIR
 from ..models.base import FlowModel
 from .base import Policy
 
@@ -44,18 +45,20 @@ class LoRAPolicy(Policy):
         model.save_lora_weights(directory, lora.export_adapter(module, adapter), lora.adapter_metadata(module, adapter))
 
     def save_checkpoint(self, directory: str, model: FlowModel, module: torch.nn.Module) -> None:
-        # The trained adapter at the top, the sampler in sampler/: both loadable by pipe.load_lora_weights.
+        # The trained adapter at the top, the sampler in sampler/ (a pipeline's: both loadable by pipe.load_lora_weights).
         self._save_adapter(directory, model, module, lora.TRAINED)
         self._save_adapter(os.path.join(directory, SAMPLER_SUBDIR), model, module, lora.SAMPLER)
 
-    def load_checkpoint(self, directory: str, module: torch.nn.Module) -> None:
+    def load_checkpoint(self, directory: str, model: FlowModel, module: torch.nn.Module) -> None:
         for adapter, source in ((lora.TRAINED, directory), (lora.SAMPLER, os.path.join(directory, SAMPLER_SUBDIR))):
-            lora.load_adapter_state_dict(module, read_lora_file(os.path.join(source, LORA_WEIGHTS_NAME)), adapter)
+            lora.load_adapter_state_dict(module, model.read_lora_weights(source), adapter)
 
     def save(self, output_dir: str, model: FlowModel, module: torch.nn.Module) -> str:
         self._save_adapter(output_dir, model, module, lora.TRAINED)
-        path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
-        return f"LoRA weights: {path} (load with pipe.load_lora_weights({output_dir!r}))"
+        return model.lora_usage(output_dir)
+
+    def export_weights(self, module: torch.nn.Module, sampler: bool = False) -> dict[str, torch.Tensor]:
+        return lora.merged_state_dict(module, lora.SAMPLER if sampler else lora.TRAINED)
 
     def describe(self, cfg: Any) -> str:
         return f"LoRA rank {self.rank} on {', '.join(self.target_modules)}; reference = adapters disabled"

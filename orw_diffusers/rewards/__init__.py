@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -32,6 +30,7 @@ import torch
 
 from .common import RewardError, as_dtype, clear_model_cache
 from ..errors import ConfigError
+from ..user_code import resolve_callable
 
 __all__ = [
     "REWARDS",
@@ -155,36 +154,9 @@ def parse_reward_spec(spec: Any) -> list[RewardSpec]:
     return specs
 
 
-_USER_MODULES: dict[str, Any] = {}  # absolute path of a user reward file -> its module, run once
-
-
-def _load_file_module(path: str) -> Any:
-    path = os.path.abspath(path)
-    if path not in _USER_MODULES:
-        name = f"_orw_user_reward_{len(_USER_MODULES)}_{os.path.splitext(os.path.basename(path))[0]}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        _USER_MODULES[path] = module
-    return _USER_MODULES[path]
-
-
 def resolve_custom(name: str) -> Callable[..., torch.Tensor]:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function (a file is run once)."""
-    target, _, attr = name.rpartition(":")
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise _config_error(f"reward: file {target!r} of {name!r} does not exist")
-        module = _load_file_module(target)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise _config_error(f"reward: cannot import {target!r} of {name!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise _config_error(f"reward: {name!r} names no callable {attr!r} in {target!r}")
-    return fn
+    return resolve_callable(name, "reward")
 
 
 def build_reward_fn(
