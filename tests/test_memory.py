@@ -254,3 +254,13 @@ def test_guided_training_doubles_the_training_activations(tiny_planner, tiny_sd3
     assert conditional == unguided
     assert guided > conditional
     assert tiny_planner.train_step_peak(replace(s, guided_training=False), batch=4) == pytest.approx(guided, rel=0.2)
+
+
+def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path):
+    cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir", objective="flow_grpo", num_sampling_steps=4,
+                                        sde_window_size=2, kl_beta=0.0))  # fmt: skip
+    s = PlanSettings.from_train_config(cfg)
+    assert s.latents_per_sample == 1 + 2 * 2  # x1, and the latents before and after each of the 2 SDE steps
+    assert not s.reference_pass  # no KL term: no reference forward
+    orw = PlanSettings.from_train_config(TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir")))
+    assert orw.latents_per_sample == 1 and orw.reference_pass

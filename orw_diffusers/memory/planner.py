@@ -158,6 +158,8 @@ class PlanSettings:
     #: ``cfg_training: guided``: the training pass runs both guidance branches (a doubled batch)
     guided_training: bool = True
     reference_pass: bool = True
+    #: latent-sized tensors the objective's rollout keeps per sample (Flow-GRPO: its trajectory's steps)
+    latents_per_sample: int = 1
     rewards: tuple[str, ...] = ("clip_score",)
     reward_on_gpu: bool = True
     reward_dtype: str = "float32"
@@ -170,7 +172,10 @@ class PlanSettings:
     @classmethod
     def from_train_config(cls, cfg: TrainConfig, num_processes: int = 1, prompt_cache: bool = True) -> "PlanSettings":
         from ..config import derive_sizes
+        from ..objectives import build_objective
         from ..rewards import parse_reward_spec
+
+        objective = build_objective(cfg)
 
         if cfg.prompts_per_round:
             num_prompts = cfg.prompts_per_round
@@ -195,7 +200,8 @@ class PlanSettings:
             max_sequence_length=cfg.max_sequence_length,
             guidance_scale=cfg.guidance_scale,
             guided_training=cfg.cfg_training == "guided",
-            reference_pass=cfg.w2_coefficient > 0 or cfg.log_w2_distance,
+            reference_pass=objective.needs_reference(),
+            latents_per_sample=objective.latents_per_sample(),
             rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward)),
             reward_on_gpu=not (cfg.reward_device or "").startswith("cpu"),
             reward_dtype=cfg.reward_dtype,
@@ -521,8 +527,9 @@ class MemoryPlanner:
         items.append(
             MemoryItem(
                 "round data",
-                f"round latents ({s.samples_per_process} samples)",
-                s.samples_per_process * latent_numel * dt_bytes,
+                f"round latents ({s.samples_per_process} samples"
+                + (f" x {s.latents_per_sample} trajectory latents)" if s.latents_per_sample > 1 else ")"),
+                s.samples_per_process * s.latents_per_sample * latent_numel * dt_bytes,
                 all_round,
             )
         )

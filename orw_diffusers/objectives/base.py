@@ -98,6 +98,10 @@ class Objective(ABC):
         """Whether ``losses`` calls the reference field (a second forward)."""
         return True
 
+    def latents_per_sample(self) -> int:
+        """Latent-sized tensors a rollout keeps per sample on the training device (the memory planner's round data)."""
+        return 1
+
 
 def slice_extras(extras: dict[str, torch.Tensor], rows: torch.Tensor, device: Optional[torch.device] = None) -> dict:
     return {k: (v[rows] if device is None else v[rows].to(device)) for k, v in extras.items()}

@@ -118,6 +118,11 @@ class FlowGRPO(Objective):
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0
 
+    def latents_per_sample(self) -> int:
+        # x1, and the latents before and after each stochastic step
+        steps = self.cfg.sde_window_size or self.cfg.num_sampling_steps - 1
+        return 1 + 2 * steps
+
     def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
         """One loss per trained step, each scaled by 1 / steps so their gradients sum to the mean."""
         cfg, ex = self.cfg, batch.extras
