@@ -11,6 +11,7 @@ their hooks in ``checkpoint.py``; the model card and the Hub upload in ``hub.py`
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -342,9 +343,18 @@ class Trainer:
                 self.validate(self.rounds_done)
             checkpoint.maybe_save(self.accelerator, cfg, self.rounds_done)
         note = self.save(cfg.output_dir)
-        acc.end_training()
+        self.end_training()
         self.finish(note)
         return metrics
+
+    def end_training(self) -> None:
+        """Close the trackers and the process group, after dropping the DDP wrapper: a wrapper that still holds
+        gloo's group when the interpreter exits can abort the process after a successful run."""
+        acc = self.accelerator
+        self.transformer = self.unwrapped
+        acc.free_memory()  # accelerate's own references to the prepared model and optimizer
+        gc.collect()
+        acc.end_training()
 
     def save(self, output_dir: str) -> str:
         """The trained weights, as the policy saves them (LoRA: ``pytorch_lora_weights.safetensors``)."""
