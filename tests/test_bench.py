@@ -19,6 +19,7 @@ IN_PROCESS = [
     "sampler_vs_diffusers",
     "text_encoder_calls",
     "planner_validation",
+    "digits_pixel_sweep",
 ]
 
 
