@@ -3,13 +3,15 @@ optimizer and its schedule, the reward, and the scale of the trained guidance.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Optional
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_model_path
+from .errors import ConfigError
 from .models import MIXED_PRECISION_DTYPES, FlowModel, LoadOptions, load_family
 from .rewards import build_reward
 
@@ -17,12 +19,16 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg: TrainConfig, cpu: Optional[bool] = None) -> Any:
-    """``cpu``: force the CPU (True) or not; default: the CPU when there is no CUDA device."""
+    """``cpu``: force the CPU (True) or not; default: the CPU when there is no CUDA device.
+
+    ``mixed_precision`` null is not passed on, so Accelerate takes its own (``accelerate launch
+    --mixed_precision``, its config file, ``ACCELERATE_MIXED_PRECISION``), as diffusers' scripts do.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=cfg.mixed_precision,  # None: Accelerate's
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
@@ -30,9 +36,32 @@ def make_accelerator(cfg: TrainConfig, cpu: Optional[bool] = None) -> Any:
     )
 
 
-def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen weights (trainable LoRA parameters stay fp32)."""
-    dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
+def resolve_precision(cfg: TrainConfig, accelerator: Any) -> tuple[TrainConfig, torch.dtype]:
+    """(``cfg`` with ``mixed_precision`` = the accelerator's, the frozen weights' dtype), and a log line saying so.
+
+    The accelerator's value is the run's: the config's when it names one, else Accelerate's. The returned
+    config is what ``output_dir/config.yaml`` and the checkpoints record.
+    """
+    precision = accelerator.mixed_precision
+    if cfg.mixed_precision is None:
+        source = "Accelerate's: accelerate launch --mixed_precision, its config file or ACCELERATE_MIXED_PRECISION"
+    elif cfg.mixed_precision == precision:
+        source = "the run config's"
+    else:  # an accelerator passed in, made for another precision
+        source = f"the accelerator's; the run config's {cfg.mixed_precision!r} is ignored"
+        logger.warning("mixed_precision: the accelerator runs %s, not the run config's %s", precision,
+                       cfg.mixed_precision)
+    dtype = weight_dtype(precision, accelerator.device)
+    logger.info("mixed_precision: %s (%s); frozen weights in %s, trained parameters in float32",
+                precision, source, dtype)
+    return dataclasses.replace(cfg, mixed_precision=precision), dtype
+
+
+def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype for the accelerator's ``mixed_precision`` (trainable LoRA parameters stay fp32)."""
+    if mixed_precision not in MIXED_PRECISION_DTYPES:
+        raise ConfigError(f"mixed_precision: {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION_DTYPES)}")
+    dtype = MIXED_PRECISION_DTYPES[mixed_precision]
     if device.type == "cpu" and dtype == torch.float16:
         logger.warning("fp16 weights are not supported on CPU; using float32 (bf16 works on CPU)")
         return torch.float32
@@ -40,13 +69,15 @@ def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def load_model(cfg: TrainConfig, dtype: torch.dtype) -> FlowModel:
-    """The pipeline of ``pretrained_model_name_or_path``, on CPU in ``dtype``; or, with ``model_factory``,
-    the plain velocity model it builds (fp32: its trained weights are the model's own)."""
+    """The pipeline of ``pretrained_model_name_or_path`` (``resolve_model_path``: the digits name is built or
+    read from the cache), on CPU in ``dtype``; or, with ``model_factory``, the plain velocity model it builds
+    (fp32: its trained weights are the model's own)."""
     if cfg.model_factory:
         from .models.velocity import build_velocity_model
 
         return build_velocity_model(cfg)
-    options = LoadOptions(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.load_t5, cfg.max_sequence_length)
+    path = resolve_model_path(cfg.pretrained_model_name_or_path)
+    options = LoadOptions(path, cfg.revision, cfg.variant, cfg.load_t5, cfg.max_sequence_length)
     return load_family(options, dtype)
 
 

@@ -85,11 +85,23 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def find_checkpoint(value: str, output_dir: str) -> Optional[str]:
+    """A complete checkpoint named by ``value``, else None: a checkpoint directory, or a bare name
+    ``checkpoint-N`` of ``output_dir/checkpoints/`` (N with or without the leading zeros)."""
+    if is_checkpoint(value):
+        return value
+    match = _NAME.match(value)
+    if match is None:
+        return None
+    rounds = int(match.group(1))
+    return next((path for done, path in list_checkpoints(output_dir) if done == rounds), None)
+
+
 def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
     """The config's ``resume_from_checkpoint`` -> a checkpoint directory, or None for a fresh start.
 
     ``latest`` without any checkpoint starts fresh (so one command both starts and restarts a
-    preemptible job); an explicit path must be a complete checkpoint (the config check enforces it).
+    preemptible job); a path or a name must be a complete checkpoint (the config check enforces it).
     """
     if value is None:
         return None
@@ -98,9 +110,10 @@ def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
         if path is None:
             logger.info("resume_from_checkpoint: latest: no checkpoint in %s yet; starting a new run", output_dir)
         return path
-    if not is_checkpoint(value):
-        raise FileNotFoundError(f"resume_from_checkpoint: {value!r} is not a complete checkpoint directory")
-    return value
+    path = find_checkpoint(value, output_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume_from_checkpoint: {value!r} is not a complete checkpoint directory or name")
+    return path
 
 
 def write_state(directory: str, state: TrainerState) -> None:

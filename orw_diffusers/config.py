@@ -13,7 +13,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -30,7 +30,9 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------
     pretrained_model_name_or_path: str = _help(
-        "Hub id or local directory of a diffusers flow-matching pipeline (StableDiffusion3Pipeline).",
+        "Hub id or local directory of a diffusers flow-matching pipeline (StableDiffusion3Pipeline, FluxPipeline), "
+        "or 'orw-diffusers/digits': the CPU digits base of the demo, read from the cache ($ORW_DIFFUSERS_CACHE, "
+        "default ~/.cache/orw_diffusers) and built there (minutes, on CPU) when first loaded.",
         "stabilityai/stable-diffusion-3.5-medium",
     )
     revision: Optional[str] = _help("Hub revision (branch, tag or commit) of the model.", None)
@@ -74,14 +76,20 @@ class TrainConfig:
         "Append every sample's prompt, reward and weight (global order) to output_dir/rewards.jsonl each round.", False
     )
     report_to: str = _help(
-        "Accelerate tracker: 'tensorboard' (logs in output_dir/logs), 'wandb' (needs `pip install wandb`), "
-        "'all' or 'none'.",
+        "Accelerate tracker: 'tensorboard' (logs in output_dir/logs), 'wandb', or any other tracker Accelerate "
+        "knows (aim, comet_ml, mlflow, clearml, dvclive, swanlab, trackio); each needs its package. 'all': every "
+        "installed one; 'none': off.",
         "tensorboard",
     )
     tracker_project: str = _help("Project name of the trackers (e.g. the wandb project).", "orw-cfm-w2")
     tracker_run_name: Optional[str] = _help("Run name shown by the trackers (wandb). Default: the tracker's.", None)
     # --- precision, memory -------------------------------------------------------------------
-    mixed_precision: str = _help("'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32.", "no")
+    mixed_precision: Optional[str] = _help(
+        "'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32. Default: Accelerate's "
+        "(`accelerate launch --mixed_precision`, its config file, or ACCELERATE_MIXED_PRECISION), else 'no'; "
+        "output_dir/config.yaml records the value the run used.",
+        None,
+    )
     gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
     # --- policy: how the trained weights, the sampler and the reference are held ---------------
     policy: Optional[str] = _help(
@@ -93,8 +101,11 @@ class TrainConfig:
     rank: int = _help("LoRA rank.", 32)
     lora_alpha: Optional[float] = _help("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
     lora_target_modules: Optional[list[str]] = _help(
-        "Module names to adapt. Default: the family's attention projections.", None
+        "Module names to adapt (diffusers' lora_layers: one comma-separated string). Default: the family's "
+        "attention projections.",
+        None,
     )
+    lora_dropout: float = _help("Dropout probability of the trained LoRA layers (peft's lora_dropout).", 0.0)
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", 1e-4)
     lr_warmup_steps: int = _help("Linear warmup in optimizer steps, then constant.", 0)
@@ -121,7 +132,11 @@ class TrainConfig:
     log_w2_distance: bool = _help(
         "Run the reference pass even when w2_coefficient is 0, so w2_loss (the W2 bound) is measured.", False
     )
-    sigma_sampling: str = _help("Training sigma distribution: 'uniform' (the paper) or 'logit_normal'.", "uniform")
+    sigma_sampling: str = _help(
+        "Training sigma distribution: 'uniform' (the paper) or 'logit_normal'. diffusers' weighting_scheme is "
+        "read as this key ('none' = uniform, 'logit_normal').",
+        "uniform",
+    )
     logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
     logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
     # --- Flow-GRPO (objective: flow_grpo) -------------------------------------------------
@@ -177,7 +192,11 @@ class TrainConfig:
     prompt_split: str = _help("Split of prompt_dataset.", "train")
     # --- sizes -------------------------------------------------------------------------------
     resolution: int = _help("Image side in pixels.", 512)
-    num_epochs: int = _help("Online rounds: sample -> reward -> weights -> optimise -> refresh.", 100)
+    num_epochs: int = _help(
+        "Online rounds: sample -> reward -> weights -> optimise -> refresh. The length of a run (diffusers' "
+        "num_train_epochs and max_train_steps have no equivalent: a round's optimizer steps are derived).",
+        100,
+    )
     prompts_per_round: Optional[int] = _help("Prompts drawn per round (global). Default: all prompts.", None)
     images_per_prompt: int = _help("Images sampled per prompt per round.", 4)
     sample_batch_size: int = _help("Images generated per forward pass, per process.", 4)
@@ -194,16 +213,16 @@ class TrainConfig:
 
     # --- long runs: checkpoints, logging, hub -------------------------------------------------
     checkpointing_steps: Optional[int] = _help(
-        "Save a resumable checkpoint every N rounds, and after the last round, to output_dir/checkpoints/. "
-        "0 or null: off.",
+        "Save a resumable checkpoint every N rounds (online rounds, as num_epochs counts them; not optimizer "
+        "steps), and after the last round, to output_dir/checkpoints/. 0 or null: off.",
         None,
     )
     checkpoints_total_limit: Optional[int] = _help(
         "Keep at most this many checkpoints; the oldest are deleted first, the newest never. null: keep all.", None
     )
     resume_from_checkpoint: Optional[str] = _help(
-        "Continue a run from a checkpoint directory, or 'latest' (the newest complete checkpoint in "
-        "output_dir/checkpoints/; a fresh start if there is none).",
+        "Continue a run from a checkpoint directory, a checkpoint name such as 'checkpoint-000010' (in "
+        "output_dir/checkpoints/), or 'latest' (the newest complete checkpoint there; a fresh start if there is none).",
         None,
     )
     sample_log_interval: int = _help(
@@ -213,7 +232,8 @@ class TrainConfig:
     )
     validation_prompts: Optional[list[str]] = _help(
         "Prompts rendered with fixed noise by the sampler adapter before training and every validation_interval "
-        "rounds, to output_dir/samples/validation_XXXX.png (XXXX = rounds trained) and the tracker.",
+        "rounds, to output_dir/samples/validation_XXXX.png (XXXX = rounds trained) and the tracker. diffusers' "
+        "validation_prompt (one prompt) is read as a one-item list.",
         None,
     )
     validation_interval: int = _help("Rounds between two renders of validation_prompts.", 10)
@@ -227,8 +247,13 @@ class TrainConfig:
         "`huggingface-cli login`).",
         False,
     )
-    hub_model_id: Optional[str] = _help("Hub repo to push to: 'name' (your namespace) or 'namespace/name'.", None)
-    hub_private: bool = _help("Create the Hub repo as private (if it does not exist yet).", False)
+    hub_model_id: Optional[str] = _help(
+        "Hub repo to push to: 'name' (your namespace) or 'namespace/name'. Default: output_dir's folder name.", None
+    )
+    hub_private: bool = _help(
+        "Create the Hub repo as private (if it does not exist yet). diffusers' hub_private_repo is read as this key.",
+        False,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,7 +262,7 @@ class TrainConfig:
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REWARD_DTYPES = ("float32", "float16", "bfloat16")
 CFG_TRAININGS = ("guided", "conditional")
-REPORT_TO = ("none", "tensorboard", "wandb", "all")
+#: The name of the demo's CPU digits base (``orw_diffusers.digits``), resolved by ``resolve_model_path``.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -259,6 +284,29 @@ class Sizes:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def resolved_mixed_precision(cfg: TrainConfig) -> str:
+    """The precision a run uses: the config's ``mixed_precision``, else Accelerate's (``accelerate launch
+    --mixed_precision`` and its config file both set ``ACCELERATE_MIXED_PRECISION``), else 'no'.
+
+    What ``Accelerator(mixed_precision=None)`` reads; the trainer then takes ``accelerator.mixed_precision``.
+    """
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def resolve_model_path(path: str) -> str:
+    """``pretrained_model_name_or_path`` -> what diffusers loads: ``DIGITS_MODEL_NAME`` becomes the cached
+    digits base, built first if it is missing (minutes, on CPU); any other value is returned as it is."""
+    from .digits.data import DIGITS_MODEL_NAME
+
+    if path != DIGITS_MODEL_NAME:
+        return path
+    from .digits.base import ensure_digits_base
+
+    return ensure_digits_base()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,12 +365,64 @@ _PATH_KEYS = ("pretrained_model_name_or_path", "output_dir", "prompt_file", "pro
               "model_checkpoint")
 
 
+# diffusers' weighting_scheme values that mean one of our sigma_sampling values ('none': uniform timesteps).
+_WEIGHTING_SCHEMES = {"none": "uniform", "uniform": "uniform", "logit_normal": "logit_normal"}
+
+
+def _weighting_scheme(value: Any) -> Any:
+    if value not in _WEIGHTING_SCHEMES:
+        raise ConfigError(
+            f"weighting_scheme: {value!r} is not supported; accepted: none or uniform (sigma_sampling: uniform), "
+            f"logit_normal"
+        )
+    return _WEIGHTING_SCHEMES[value]
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+#: diffusers' training-script names where ours differ: alias -> (our key, how the value converts).
+ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "validation_prompt": ("validation_prompts", lambda v: [v] if isinstance(v, str) else v),
+    "hub_private_repo": ("hub_private", lambda v: v),
+    "lora_layers": ("lora_target_modules", _comma_list),
+    "weighting_scheme": ("sigma_sampling", _weighting_scheme),
+}
+
+# Keys of diffusers' scripts that have no equivalent here, and what to set instead.
+_NO_EQUIVALENT = {
+    "num_train_epochs": "the length of a run is num_epochs (online rounds: sample -> reward -> optimise)",
+    "max_train_steps": "the length of a run is num_epochs (online rounds); a round's optimizer steps are derived "
+    "from the batch sizes and logged at start",
+}
+
+
+def apply_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with diffusers' names (``ALIASES``) renamed to ours and their values converted."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _NO_EQUIVALENT:
+            raise ConfigError(f"{key}: not a key of this trainer; {_NO_EQUIVALENT[key]}: set num_epochs instead")
+        if key in ALIASES:
+            target, convert = ALIASES[key]
+            if target in values:
+                raise ConfigError(f"{key}: set either {key} (diffusers' name) or {target}, not both")
+            key, value = target, convert(value)
+        out[key] = value
+    return out
+
+
 def from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a config from a flat dict; unknown keys are an error that lists the known ones' nearest match."""
+    """Build a config from a flat dict; unknown keys are an error that lists the known ones' nearest match.
+
+    diffusers' names of ``ALIASES`` are read as ours."""
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
     kwargs = {}
-    for key, value in values.items():
+    for key, value in apply_aliases(values).items():
         if key not in known:
             import difflib
 
@@ -351,38 +451,89 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
+def _kind(key: str) -> tuple[str, bool]:
+    """How the command line reads ``key``: ('bool' | 'list' | 'value', whether its words are strings)."""
+    if key in ALIASES:
+        return ("bool", False) if key == "hub_private_repo" else ("value", True)
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        return "value", False  # an unknown key: from_dict names it
+    tp = hints[key]
+    if _is_optional(tp):
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    if tp is bool:
+        return "bool", False
+    if typing.get_origin(tp) is list:
+        return "list", typing.get_args(tp)[0] is str
+    return "value", tp is str
+
+
+def _parse_word(raw: str, is_str: bool) -> Any:
+    """One command-line word as YAML (numbers, null, [lists], {mappings}); a string key keeps words such as
+    'yes', '1' or 'a: b' as written."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if is_str and value is not None and not isinstance(value, (str, list)):
+        return raw
+    return value
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` pairs; values are parsed as YAML (so lists and dicts work)."""
+    """Command-line overrides, read as diffusers' scripts take them:
+
+    - ``--key value`` or ``--key=value``; values are YAML (``--reward '{clip_score: 1.0}'``);
+    - booleans bare (``--gradient_checkpointing``), with a value (``--push_to_hub false``) or ``--no_<key>``;
+    - lists as separate words (``--validation_prompts "a cat" "a dog"``) or one YAML list (``'[a, b]'``).
+
+    Keys come back with ``-`` written ``_``; diffusers' names (``ALIASES``) are converted by ``from_dict``.
+    """
     values: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"unexpected argument {arg!r}; overrides are written --key value")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
+        key, has_value, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
+        words = []  # the words up to the next --key
+        while not has_value and i < len(argv) and not argv[i].startswith("--"):
+            words.append(argv[i])
             i += 1
+        kind, is_str = _kind(key)
+        negated = key.startswith("no_") and _kind(key[3:])[0] == "bool" and _kind(key)[0] != "bool"
+        if negated:
+            if has_value or words:
+                raise ConfigError(f"--{key}: takes no value (it sets {key[3:]} to false)")
+            values[key[3:]] = False
+            continue
+        if has_value:
+            words = [raw]
+        if kind == "bool" and not words:
+            values[key] = True
+        elif not words:
+            raise ConfigError(f"--{key}: missing value")
+        elif kind == "list" and len(words) > 1:
+            values[key] = [raw_word if is_str else _parse_word(raw_word, False) for raw_word in words]
+        elif len(words) > 1:
+            raise ConfigError(
+                f"--{key}: one value expected, got {len(words)} ({' '.join(words)!r}); quote a value with spaces"
+            )
         else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key}: missing value")
-            raw = argv[i + 1]
-            i += 2
-        try:
-            values[key.replace("-", "_")] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key.replace("-", "_")] = raw
+            values[key] = _parse_word(words[0], is_str)
     return values
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """``--config run.yaml [--key value ...]``: the YAML first, then the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=True, description="ORW-CFM-W2 LoRA fine-tuning.")
+    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description="ORW-CFM-W2 LoRA fine-tuning.")
     parser.add_argument("--config", default=None, help="YAML run config; any key can be overridden with --key value")
     args, rest = parser.parse_known_args(argv)
-    values = load_yaml(args.config) if args.config else {}
-    values.update(parse_overrides(rest))
+    values = apply_aliases(load_yaml(args.config)) if args.config else {}
+    values.update(apply_aliases(parse_overrides(rest)))  # an alias on the command line overrides the YAML's key
     return from_dict(values)
 
 
@@ -404,7 +555,24 @@ def _check_positive(cfg: TrainConfig, *names: str) -> None:
 
 
 def check_model_path(path: str, key: str = "pretrained_model_name_or_path") -> None:
-    """A local path must be a pipeline directory; anything else must look like a hub id ('org/name')."""
+    """A local path must be a pipeline directory; anything else must look like a hub id ('org/name').
+
+    ``DIGITS_MODEL_NAME`` is never taken for a hub id, and nothing is built here: ``resolve_model_path``
+    builds the digits base when the model loads (its build needs scikit-learn, checked now)."""
+    from .digits.data import DIGITS_MODEL_NAME
+
+    if path == DIGITS_MODEL_NAME:
+        import importlib.util
+
+        from .digits.data import BASE_NAME, digits_cache_dir
+
+        cached = os.path.isfile(os.path.join(digits_cache_dir(), BASE_NAME, "model_index.json"))
+        if not cached and importlib.util.find_spec("sklearn") is None:
+            raise ConfigError(
+                f"{key}: {path!r} builds the digits base on first use, which needs scikit-learn "
+                f"(`pip install scikit-learn`, or the package's demo extra)"
+            )
+        return
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ConfigError(f"{key}: {path!r} has no model_index.json; expected a diffusers pipeline directory")
@@ -424,10 +592,13 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
     from .rewards import parse_reward_spec
     from .sampling import SAMPLING_SOLVERS
 
-    _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    precision = resolved_mixed_precision(cfg)
+    if precision not in MIXED_PRECISIONS:
+        source = "" if cfg.mixed_precision is not None else " (ACCELERATE_MIXED_PRECISION, set by accelerate launch)"
+        raise ConfigError(f"mixed_precision: {precision!r}{source} is not one of {', '.join(MIXED_PRECISIONS)}")
     validate_objective(cfg)
     _check_choice("sampling_solver", cfg.sampling_solver, SAMPLING_SOLVERS)
-    _check_choice("report_to", cfg.report_to, REPORT_TO)
+    _check_choice("report_to", cfg.report_to, report_to_choices())
     _check_choice("cfg_training", cfg.cfg_training, CFG_TRAININGS)
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate: {cfg.learning_rate!r} must be > 0")
@@ -455,6 +626,9 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
     _check_choice("reward_dtype", cfg.reward_dtype, REWARD_DTYPES)
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout: {cfg.lora_dropout!r} must be in [0, 1)")
+    from .digits.data import DIGITS_MODEL_NAME
     from .models.velocity import validate_velocity_config
     from .policies import POLICIES
 
@@ -463,9 +637,10 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
     validate_velocity_config(cfg, model_given)
     if cfg.model_factory is None and not model_given:  # a pipeline: the path names one, its family takes the precision
         check_model_path(cfg.pretrained_model_name_or_path)
-        from .models import check_model_precision
+        if cfg.pretrained_model_name_or_path != DIGITS_MODEL_NAME:  # an SD3 pipeline: it runs every precision
+            from .models import check_model_precision
 
-        check_model_precision(cfg.pretrained_model_name_or_path, cfg.revision, cfg.mixed_precision)
+            check_model_precision(cfg.pretrained_model_name_or_path, cfg.revision, precision)
     parse_reward_spec(cfg.reward)  # names and weights; the models load later
     prompts = load_prompts(cfg)
     if cfg.prompts_per_round is not None and cfg.prompts_per_round <= 0:
@@ -474,15 +649,18 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
     return derive_sizes(cfg, num_prompts=len(prompts), num_processes=num_processes)
 
 
-_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-HUB_REPO_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*/)?[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+def report_to_choices() -> tuple[str, ...]:
+    """``report_to``'s values: 'none', 'all' and every tracker Accelerate knows (``LOGGER_TYPE_TO_CLASS``)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return ("none", "all", *LOGGER_TYPE_TO_CLASS)
+
+
 
 
 def _validate_long_runs(cfg: TrainConfig) -> None:
     """The keys of the '# --- long runs' block: checkpoints, trackers, validation renders, the Hub."""
-    import importlib.util
-
-    from .checkpoint import is_checkpoint, list_checkpoints
+    from .checkpoint import find_checkpoint, list_checkpoints
 
     for name in ("checkpointing_steps", "sample_log_interval", "per_prompt_log_max"):
         value = getattr(cfg, name)
@@ -491,10 +669,12 @@ def _validate_long_runs(cfg: TrainConfig) -> None:
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit: {cfg.checkpoints_total_limit!r} must be >= 1 (null keeps all)")
     resume = cfg.resume_from_checkpoint
-    if resume is not None and resume != "latest" and not is_checkpoint(resume):
+    if resume is not None and resume != "latest" and find_checkpoint(resume, cfg.output_dir) is None:
+        names = [os.path.basename(path) for _, path in list_checkpoints(cfg.output_dir)]
+        have = f"; {cfg.output_dir!r} holds {', '.join(names)}" if names else ""
         raise ConfigError(
-            f"resume_from_checkpoint: {resume!r} is neither 'latest' nor a complete checkpoint directory "
-            f"(output_dir/checkpoints/checkpoint-NNNNNN holding trainer_state.json)"
+            f"resume_from_checkpoint: {resume!r} is neither 'latest', a checkpoint name in output_dir/checkpoints/ "
+            f"(checkpoint-NNNNNN) nor a complete checkpoint directory (holding trainer_state.json){have}"
         )
     # A fresh run must not share checkpoints/ with an earlier one: 'latest' could later pick the old run's.
     if resume is None and list_checkpoints(cfg.output_dir):
@@ -504,17 +684,22 @@ def _validate_long_runs(cfg: TrainConfig) -> None:
         )
     # Trackers are optional packages: say which one is missing now, not after the model has loaded.
     # ('all' takes whichever are installed, as Accelerate does.)
-    packages = _TRACKER_PACKAGES.get(cfg.report_to, ())
-    if packages and not any(importlib.util.find_spec(p) for p in packages):
-        raise ConfigError(f"report_to: {cfg.report_to!r} needs `pip install {packages[0]}` (or set report_to: none)")
+    if cfg.report_to not in ("all", "none"):
+        import accelerate.utils
+
+        available = getattr(accelerate.utils, f"is_{cfg.report_to}_available", None)
+        if available is not None and not available():
+            raise ConfigError(
+                f"report_to: {cfg.report_to!r} needs `pip install {cfg.report_to}` (or set report_to: none)"
+            )
     _check_positive(cfg, "validation_interval")
     if cfg.validation_prompts is not None:
         if not cfg.validation_prompts or not all(isinstance(p, str) and p.strip() for p in cfg.validation_prompts):
             raise ConfigError(f"validation_prompts: {cfg.validation_prompts!r} must be a non-empty list of prompts")
-    if cfg.hub_model_id is not None and not HUB_REPO_PATTERN.match(cfg.hub_model_id):
-        raise ConfigError(f"hub_model_id: {cfg.hub_model_id!r} is not a repo id like 'name' or 'namespace/name'")
-    if cfg.push_to_hub and not cfg.hub_model_id:
-        raise ConfigError("hub_model_id: set it (e.g. 'your-name/sd35-orw-lora') when push_to_hub is true")
+    if cfg.push_to_hub or cfg.hub_model_id is not None:
+        from .hub import check_repo_id, default_repo_id
+
+        check_repo_id(default_repo_id(cfg))  # hub_model_id, else output_dir's name
 
 
 def derive_sizes(cfg: TrainConfig, num_prompts: int, num_processes: int) -> Sizes:

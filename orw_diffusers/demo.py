@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -59,6 +59,17 @@ def summarise(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def before_after_grid(before: torch.Tensor, after: torch.Tensor, max_images: int = 32, ncols: int = 16) -> Any:
+    """Rows of the base model's samples above as many rows of the fine-tuned model's, the same seed in
+    each column, labelled "base" / "fine-tuned"; 16 px digits are enlarged to 64 px tiles."""
+    from .images import image_grid
+
+    ncols = min(ncols, len(before), len(after))
+    n = min(max_images, len(before), len(after)) // ncols * ncols
+    labels = ["base"] * (n // ncols) + ["fine-tuned"] * (n // ncols)
+    return image_grid(torch.cat([before[:n], after[:n]]), ncols=ncols, min_tile=64, row_labels=labels)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from . import digits
 
@@ -78,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     train_seconds = train(args.config, base, args.output_dir, extra, args.threads)
 
     from .hub import read_metrics
-    from .images import image_grid, plot_curves, save_image
+    from .images import plot_curves, save_image
     from .rewards import build_reward
 
     reward = build_reward("digit_even")
@@ -99,9 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"(same seeds, plain diffusers, {digits.DIGITS_NUM_STEPS} steps):")
     print(summarise(results["before"], results["after"]))
 
-    n = 32
-    grid = image_grid(torch.cat([before[:n], after[:n]]), ncols=16, min_tile=32)
-    save_image(grid, os.path.join(args.output_dir, "before_after.png"))
+    save_image(before_after_grid(before, after), os.path.join(args.output_dir, "before_after.png"))
     plot_curves(rows, os.path.join(args.output_dir, "curves.png"), keys=("reward_mean", "w2_loss"))
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=1)

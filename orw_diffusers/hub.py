@@ -4,8 +4,12 @@ Everything here reads the run's files on disk (``config.yaml``, ``metrics.jsonl`
 ``samples/*.png``, the weights), so the card can be (re)written and the upload retried long after
 training: ``python -m orw_diffusers.push OUTPUT_DIR --hub_model_id ...``.
 
+With ``push_to_hub`` the training script calls ``prepare_repo`` before the model loads: it checks the
+token (``whoami``) and creates the repo, so a missing token fails in the first seconds, not after training.
+
 The Hub token is never handled here: ``huggingface_hub`` reads it from ``HF_TOKEN`` or from
-``huggingface-cli login``. The API object can be injected (tests pass a fake that records calls).
+``hf auth login``, and error messages are scrubbed of anything token-like. The API object can be
+injected (tests pass a fake that records calls).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -21,13 +26,22 @@ from typing import Any, Optional
 import yaml
 
 from .checkpoint import LORA_WEIGHTS_NAME
+from .errors import ConfigError
 
 CARD_NAME = "README.md"
-CARD_TAGS = ["diffusers", "lora", "orw-cfm-w2", "text-to-image"]
-#: files of output_dir that go to the Hub; checkpoints/, logs/ and all but one sample grid stay local
+#: diffusers' LoRA training scripts tag their cards ``diffusers-training``, ``lora`` and ``template:sd-lora``
+CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora", "orw-cfm-w2"]
+#: a pipeline class (``model_index.json``'s ``_class_name``) -> the family's Hub tags
+FAMILY_TAGS = {"StableDiffusion3Pipeline": ["sd3"], "FluxPipeline": ["flux"]}
+#: files of output_dir that go to the Hub; checkpoints/, logs/ and all but the card's images stay local
 UPLOADED_FILES = [LORA_WEIGHTS_NAME, CARD_NAME, "config.yaml", "metrics.jsonl"]
+#: remote files removed by every push before the new ones land: the sample images of an earlier push
+STALE_PATTERNS = ["samples/*"]
+#: at most this many validation grids in the card's widget gallery (the first, the last, evenly between)
+WIDGET_MAX_IMAGES = 4
 #: exit status of the training script and of ``orw_diffusers.push`` when the upload fails
 UPLOAD_FAILED_EXIT_CODE = 3
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 
 
 class HubUploadError(RuntimeError):
@@ -51,6 +65,12 @@ class RunSummary:
     image: Optional[str] = None  # path relative to output_dir of the grid shown on the card
     example_prompt: Optional[str] = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: (rounds trained, path relative to output_dir) of the validation grids in the widget gallery
+    validation_images: list[tuple[int, str]] = field(default_factory=list)
+    validation_prompts: list[str] = field(default_factory=list)
+    #: ``license`` (and ``license_name`` / ``license_link``) from the base model's card; {} when unknown
+    license: dict[str, str] = field(default_factory=dict)
+    family_tags: list[str] = field(default_factory=list)
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -71,6 +91,69 @@ def card_image(output_dir: str) -> Optional[str]:
     return None
 
 
+def validation_images(output_dir: str, limit: int = WIDGET_MAX_IMAGES) -> list[tuple[int, str]]:
+    """(rounds trained, path relative to ``output_dir``) of up to ``limit`` of ``samples/validation_XXXX.png``:
+    the first, the newest and evenly spaced ones between, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "samples", "validation_*.png")):
+        match = re.fullmatch(r"validation_(\d+)\.png", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), os.path.relpath(path, output_dir)))
+    found.sort()
+    if len(found) > limit > 1:
+        picks = sorted({round(i * (len(found) - 1) / (limit - 1)) for i in range(limit)})
+        found = [found[i] for i in picks]
+    return found[::-1]
+
+
+def family_tags(base: str) -> list[str]:
+    """The model family's Hub tags: from a local pipeline's ``model_index.json`` class, else from the name
+    (``sd3``, plus ``sd3.5`` when the name says 3.5; ``flux``). [] for a family we cannot tell."""
+    class_name = None
+    index = os.path.join(base, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                class_name = json.load(f).get("_class_name")
+        except (OSError, ValueError):
+            class_name = None
+    name = (base if _is_hub_id(base) else os.path.basename(os.path.normpath(base))).lower().replace("_", "-")
+    tags = list(FAMILY_TAGS.get(class_name, []))
+    if not tags and ("stable-diffusion-3" in name or "sd3" in name):
+        tags = ["sd3"]
+    if not tags and "flux" in name:
+        tags = ["flux"]
+    if "sd3" in tags and re.search(r"3[.-]5|sd35", name):
+        tags.append("sd3.5")
+    return tags
+
+
+def base_model_license(base: str) -> dict[str, str]:
+    """``license`` (+ ``license_name``, ``license_link``) from the base model's card: a local directory's
+    ``README.md``, or ``ModelCard.load`` of a Hub id. {} when there is no card or it cannot be read (offline,
+    gated, no license field): the model card then asks the user to set the license."""
+    from huggingface_hub import ModelCard
+
+    is_hub = _is_hub_id(base)
+    readme = os.path.join(base, "README.md")
+    if not is_hub and not os.path.isfile(readme):
+        return {}
+    try:
+        data = ModelCard.load(base if is_hub else readme).data.to_dict()
+    except Exception:  # noqa: BLE001 - offline, gated, no card, a malformed card: fall back to asking
+        return {}
+    if not isinstance(data.get("license"), str):
+        return {}
+    out = {k: str(data[k]) for k in ("license", "license_name", "license_link") if isinstance(data.get(k), str)}
+    link = out.get("license_link", "")
+    if link and not link.startswith(("http://", "https://")):  # relative to the base repo: make it absolute
+        if is_hub:
+            out["license_link"] = f"https://huggingface.co/{base}/blob/main/{link.lstrip('./')}"
+        else:
+            del out["license_link"]
+    return out
+
+
 def summarize_run(output_dir: str) -> RunSummary:
     """Read ``config.yaml``, ``metrics.jsonl`` and ``samples/`` of a run."""
     config_path = os.path.join(output_dir, "config.yaml")
@@ -81,8 +164,9 @@ def summarize_run(output_dir: str) -> RunSummary:
     rows = read_metrics(output_dir)
     last = rows[-1] if rows else {}
     prompts = config.get("validation_prompts") or config.get("prompts") or []
+    base = str(config.get("pretrained_model_name_or_path", "unknown"))
     return RunSummary(
-        base_model=str(config.get("pretrained_model_name_or_path", "unknown")),
+        base_model=base,
         reward=config.get("reward"),
         w2_coefficient=config.get("w2_coefficient"),
         temperature=config.get("temperature"),
@@ -95,11 +179,20 @@ def summarize_run(output_dir: str) -> RunSummary:
         image=card_image(output_dir),
         example_prompt=prompts[0] if prompts else None,
         config=config,
+        validation_images=validation_images(output_dir),
+        validation_prompts=list(config.get("validation_prompts") or []),
+        license=base_model_license(base),
+        family_tags=family_tags(base),
     )
 
 
 def _is_hub_id(name: str) -> bool:
-    return not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    from .digits.data import DIGITS_MODEL_NAME  # the embedded digits base: a local build, not a Hub model
+
+    return (
+        name != DIGITS_MODEL_NAME and not os.path.exists(name) and name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+    )
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -112,21 +205,47 @@ def _reward_text(reward: Any) -> str:
     return yaml.safe_dump(reward, default_flow_style=True, sort_keys=False).strip()
 
 
+def _widget(summary: RunSummary) -> list[dict[str, Any]]:
+    """The card's gallery, diffusers' LoRA-card form ``[{text, output: {url}}]``: the validation grids
+    (newest first, each with its prompts), else the card's one image with the example prompt."""
+    prompts = "; ".join(summary.validation_prompts)
+    if summary.validation_images and prompts:
+        return [
+            {"text": f"{'base model' if rounds == 0 else f'after {rounds} rounds'}: {prompts}", "output": {"url": path}}
+            for rounds, path in summary.validation_images
+        ]
+    if summary.image:
+        return [{"text": summary.example_prompt or "", "output": {"url": summary.image}}]
+    return []
+
+
 def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> Any:
-    """A ``huggingface_hub.ModelCard``: metadata (``library_name: diffusers``, tags, base model) and a body
-    with the method's settings, the final reward and diversity, a sample grid and the loading snippet."""
+    """A ``huggingface_hub.ModelCard``. Metadata: ``library_name: diffusers``, ``base_model``, the license
+    inherited from the base model's card, the tags of diffusers' LoRA cards and the family's (``sd3``,
+    ``sd3.5``, ``flux``), a ``widget`` gallery of the validation grids. Body: the method's settings, the
+    final reward and diversity, a sample grid and the loading snippet."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = summary.base_model
     base_is_hub = _is_hub_id(base)
+    tags = list(CARD_TAGS) + [t for t in summary.family_tags if t not in CARD_TAGS]
     data = ModelCardData(
         base_model=base if base_is_hub else None,  # the Hub rejects a local path here
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=list(CARD_TAGS),
+        tags=tags,
+        widget=_widget(summary) or None,
+        **summary.license,
     )
     where = repo_id or os.path.abspath(output_dir)
     base_link = f"[{base}](https://huggingface.co/{base})" if base_is_hub else f"`{base}`"
+    if summary.license:
+        license_note = f"License: `{summary.license['license']}`, inherited from the base model's card."
+    else:
+        license_note = (
+            "License: **not set**. The base model's license terms apply to this adapter: add a `license:` "
+            "to this card's metadata (and `license_name` / `license_link` for `other`), as on the base model's card."
+        )
     reward_change = f"{_fmt(summary.first_reward)} → {_fmt(summary.final_reward)}"
     if summary.final_reward_std is not None:
         reward_change += f" (± {_fmt(summary.final_reward_std)} over the last round's samples)"
@@ -156,6 +275,8 @@ Reward-Weighted Conditional Flow Matching with Wasserstein-2 regularisation; Fan
 using `orw-diffusers`. Each round the current model sampled images, the reward
 scored them, and the adapter was fitted to its own samples weighted by `exp(temperature * reward)`,
 with a W2 term (`w2_coefficient`) keeping it close to the base model.
+
+{license_note}
 {image}
 ## Training
 
@@ -171,7 +292,7 @@ in `metrics.jsonl`.
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{where}")
 image = pipe("{prompt}").images[0]
 ```
@@ -193,13 +314,78 @@ def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
 
 def upload_patterns(output_dir: str) -> list[str]:
     """The files of ``output_dir`` that are uploaded: the weights, the card, the config, the metrics
-    and the card's image (if any)."""
+    and the card's images (its sample grid and the widget's validation grids)."""
     image = card_image(output_dir)
-    return UPLOADED_FILES + ([image] if image else [])
+    images = ([image] if image else []) + [path for _, path in validation_images(output_dir)]
+    return UPLOADED_FILES + list(dict.fromkeys(images))
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first line`` of an exception, with anything token-like replaced: safe to print."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return _TOKEN_LIKE.sub("hf_***", f"{type(e).__name__}: {first}".rstrip(": "))
+
+
+def default_repo_id(cfg: Any) -> str:
+    """``hub_model_id``, else the basename of ``output_dir`` (a repo in the token's own namespace)."""
+    return cfg.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(cfg.output_dir)))
+
+
+def check_repo_id(repo_id: str, key: str = "hub_model_id") -> None:
+    """``huggingface_hub.utils.validate_repo_id`` as a one-line ``ConfigError`` naming ``key``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(
+            f"{key}: {repo_id!r} is not a Hub repo id: use 'name' or 'namespace/name' with letters, digits, "
+            f"'-', '_', '.' (not starting or ending with '-' or '.', at most 96 characters) ({_reason(e)})"
+        ) from None
+
+
+def prepare_repo(cfg: Any, api: Any = None, main_process: bool = True) -> Optional[str]:
+    """With ``push_to_hub``, before the model loads: check the token (``whoami``) and create the repo.
+    Only the main process talks to the Hub (``main_process``); the others return None.
+
+    ``hub_model_id`` defaults to ``output_dir``'s basename; a bare name goes to the token's namespace.
+    Sets ``cfg.hub_model_id`` to the full ``namespace/name`` and returns it (None without ``push_to_hub``).
+    A missing, invalid or read-only token, or a repo that cannot be created, raises a one-line
+    ``ConfigError`` (the training script exits 2) that never contains the token.
+    """
+    if not (cfg.push_to_hub and main_process):
+        return None
+    repo_id = default_repo_id(cfg)
+    check_repo_id(repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()  # the token comes from HF_TOKEN or the login cache, never from us
+    try:
+        user = api.whoami()
+    except Exception as e:  # noqa: BLE001 - no token, a revoked one, no network: all stop the run now
+        raise ConfigError(
+            f"push_to_hub: the Hub token check (whoami) failed ({_reason(e)}); log in with `hf auth login` or set "
+            f"HF_TOKEN to a token with write access, or set push_to_hub: false"
+        ) from None
+    role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise ConfigError(
+            "push_to_hub: the Hub token is read-only; use a token with write access, or set push_to_hub: false"
+        )
+    if "/" not in repo_id and user.get("name"):
+        repo_id = f"{user['name']}/{repo_id}"
+    try:
+        url = api.create_repo(repo_id, private=cfg.hub_private, exist_ok=True)
+    except Exception as e:  # noqa: BLE001 - no permission in that namespace, a name taken by a dataset, ...
+        raise ConfigError(f"hub_model_id: the Hub repo {repo_id!r} cannot be created ({_reason(e)})") from None
+    cfg.hub_model_id = getattr(url, "repo_id", None) or repo_id
+    return cfg.hub_model_id
 
 
 def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any = None) -> str:
-    """``create_repo(exist_ok=True)`` then ``upload_folder`` of the files in ``upload_patterns``.
+    """``create_repo(exist_ok=True)`` then ``upload_folder`` of the files in ``upload_patterns``; the
+    remote sample images of an earlier push (``STALE_PATTERNS``) are deleted in the same commit.
 
     The weights and the card must already be on disk. Any failure raises ``HubUploadError`` whose
     message ends with the command that retries; nothing local is touched. Returns the repo id.
@@ -219,12 +405,12 @@ def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any =
             repo_id=resolved,
             folder_path=output_dir,
             allow_patterns=upload_patterns(output_dir),
+            delete_patterns=STALE_PATTERNS,  # files uploaded in this commit are kept
             commit_message=f"ORW-CFM-W2 LoRA: {summary.rounds} rounds, {summary.samples_seen} samples",
         )
     except Exception as e:  # network, auth, quota, ...: all leave the files on disk and say how to retry
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         raise HubUploadError(
-            f"upload of {output_dir} to the Hub repo {repo_id!r} failed ({reason}). The weights and the model "
+            f"upload of {output_dir} to the Hub repo {repo_id!r} failed ({_reason(e)}). The weights and the model "
             f"card are on disk in {output_dir}. Retry with: {retry_command(output_dir, repo_id, private)}"
         ) from e
     return resolved
@@ -236,11 +422,12 @@ def publish(cfg: Any, summary: str, api: Any = None) -> None:
     A failed upload prints the retry command and raises ``HubUploadError`` (the run exits non-zero);
     the weights and the card are on disk either way.
     """
-    write_model_card(cfg.output_dir, cfg.hub_model_id if cfg.push_to_hub else None)
+    repo_id = default_repo_id(cfg) if cfg.push_to_hub else None  # prepare_repo has resolved it in the script
+    write_model_card(cfg.output_dir, repo_id)
     where = ""
-    if cfg.push_to_hub:
+    if repo_id is not None:
         try:
-            repo_id = push_to_hub(cfg.output_dir, cfg.hub_model_id, private=cfg.hub_private, api=api)
+            repo_id = push_to_hub(cfg.output_dir, repo_id, private=cfg.hub_private, api=api)
         except HubUploadError as e:
             print(f"error: {e}", file=sys.stderr)
             raise

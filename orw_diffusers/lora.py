@@ -28,8 +28,11 @@ def add_adapters(
     rank: int,
     lora_alpha: Optional[float],
     target_modules: list[str],
+    dropout: float = 0.0,
 ) -> list[torch.nn.Parameter]:
     """Attach ``default`` (trainable) and ``sampler`` (a copy) and return the trainable parameters.
+
+    ``dropout``: peft's ``lora_dropout`` (active only in train mode, so never while sampling).
 
     The base weights stay frozen in their dtype; the LoRA parameters of both adapters are fp32,
     as diffusers' ``cast_training_params`` does for the trainable ones.
@@ -43,6 +46,7 @@ def add_adapters(
             lora_alpha=lora_alpha if lora_alpha is not None else rank,
             init_lora_weights="gaussian",  # B = 0: a fresh adapter leaves the model unchanged
             target_modules=target_modules,
+            lora_dropout=dropout,
         )
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

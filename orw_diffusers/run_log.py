@@ -69,14 +69,22 @@ class RunLog:
                 tracker.log_images({tag: list(batch)}, step=step)
 
     def sample_grid(self, round_idx: int, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor) -> Optional[str]:
-        """Every ``sample_log_interval`` rounds: the main process's first samples of the round with
-        their prompt index and reward, to ``samples/round_XXXX.png`` (XXXX = round) and the tracker."""
+        """Every ``sample_log_interval`` rounds: the main process's samples of the round with their prompt
+        index and reward, to ``samples/round_XXXX.png`` (XXXX = round) and the tracker. The samples of
+        one prompt sit side by side; each row is labelled with its prompts (``p<i>``: line i of prompts.txt)."""
         interval = self.cfg.sample_log_interval
         if not interval or round_idx % interval or not self.main:
             return None
-        n = len(images)
-        captions = [f"p{self.prompt_ids[p]} r={r:.3g}" for p, r in zip(prompts[:n], rewards[:n].tolist())]
-        grid = image_grid(images, ncols=math.ceil(math.sqrt(n)), captions=captions)
+        ids = [self.prompt_ids[p] for p in prompts[: len(images)]]
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # the samples of one prompt side by side
+        ids, values = [ids[i] for i in order], rewards[order].tolist()
+        counts = {i: ids.count(i) for i in ids}
+        ncols = next(iter(counts.values())) if len(set(counts.values())) == 1 else 0  # one row per prompt
+        ncols = ncols if 2 <= ncols <= 8 else math.ceil(math.sqrt(len(ids)))
+        rows = [ids[r : r + ncols] for r in range(0, len(ids), ncols)]
+        labels = [" ".join(f"p{i}" for i in dict.fromkeys(row)) for row in rows]
+        captions = [f"p{i} r={r:.3g}" for i, r in zip(ids, values)]
+        grid = image_grid(images[order], ncols=ncols, captions=captions, row_labels=labels)
         path = save_image(grid, os.path.join(self.samples_dir, f"round_{round_idx:04d}.png"))
         self.image("samples", grid, step=round_idx)
         return path
@@ -90,10 +98,12 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
 
     def validation(self, rounds_done: int, images: torch.Tensor, rewards: torch.Tensor) -> None:
-        """``samples/validation_XXXX.png`` (XXXX = rounds trained), a row of ``samples/validation.jsonl``,
-        and both to the tracker at step ``rounds_done``."""
+        """``samples/validation_XXXX.png`` (XXXX = rounds trained; rows labelled "base" or "N rounds"), a row
+        of ``samples/validation.jsonl``, and both to the tracker at step ``rounds_done``."""
         captions = [f"v{i} r={r:.3g}" for i, r in enumerate(rewards.tolist())]
-        grid = image_grid(images, ncols=min(len(images), 8), captions=captions)
+        ncols = min(len(images), 8)
+        label = "base" if rounds_done == 0 else f"{rounds_done} rounds"
+        grid = image_grid(images, ncols=ncols, captions=captions, row_labels=[label] * math.ceil(len(images) / ncols))
         save_image(grid, os.path.join(self.samples_dir, f"validation_{rounds_done:04d}.png"))
         with open(os.path.join(self.samples_dir, "validation.jsonl"), "a") as f:
             f.write(json.dumps({"rounds_trained": rounds_done, "rewards": rewards.tolist()}) + "\n")

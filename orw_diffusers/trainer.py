@@ -67,7 +67,9 @@ class Trainer:
         set_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG
         self.sizes: Sizes = derive_sizes(cfg, len(self.prompts), acc.num_processes)
         self.device = acc.device
-        self.weight_dtype = build.weight_dtype(cfg, self.device)
+        # The precision Accelerate runs (the config's, else the launch's): weights, config.yaml, checkpoints follow it.
+        cfg, self.weight_dtype = build.resolve_precision(cfg, acc)
+        self.cfg = cfg
         self.objective = build_objective(cfg)
 
         # Model: load on CPU, then prepare (a pipeline encodes every prompt once and drops its text encoders).

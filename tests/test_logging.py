@@ -38,6 +38,92 @@ def test_grid_layout_enlarges_small_tiles_and_checks_captions():
         image_grid(images, ncols=2, captions=["only one"])
 
 
+def test_grid_row_labels_sit_in_a_left_margin_one_per_row():
+    import numpy as np
+
+    images = torch.zeros(4, 3, 16, 16)  # black tiles
+    plain = image_grid(images, ncols=2, min_tile=64, pad=2)
+    labelled = image_grid(images, ncols=2, min_tile=64, pad=2, row_labels=["base", "fine-tuned"])
+    margin = labelled.size[0] - plain.size[0]
+    assert margin > 20 and labelled.size[1] == plain.size[1]
+    pixels = np.asarray(labelled)
+    assert (pixels[:, margin:] == np.asarray(plain)).all()  # the tiles moved right, unchanged
+    for top in (2, 2 + 66):  # each row's label is drawn beside that row
+        assert (pixels[top : top + 64, :margin] < 128).any(), top
+    with pytest.raises(ValueError, match="2 row labels for 3 rows"):
+        image_grid(torch.zeros(5, 3, 16, 16), ncols=2, row_labels=["a", "b"])
+
+
+def test_demo_before_after_grid_labels_base_and_fine_tuned_rows(monkeypatch):
+    from orw_diffusers import demo, images as images_module
+
+    calls = []
+    grid_fn = images_module.image_grid
+    monkeypatch.setattr(images_module, "image_grid", lambda *a, **kw: calls.append(kw) or grid_fn(*a, **kw))
+    before, after = torch.zeros(40, 3, 16, 16), torch.ones(40, 3, 16, 16)
+    grid = demo.before_after_grid(before, after)
+    assert calls[-1]["row_labels"] == ["base", "base", "fine-tuned", "fine-tuned"] and calls[-1]["ncols"] == 16
+    assert grid.size[1] == 4 * 66 + 2  # 16 px digits shown as 64 px tiles
+    demo.before_after_grid(before[:5], after[:5])
+    assert calls[-1]["row_labels"] == ["base", "fine-tuned"] and calls[-1]["ncols"] == 5
+
+
+def test_reward_band_stays_inside_the_observed_range():
+    from orw_diffusers.images import reward_band
+
+    rows = [
+        {"epoch": 0, "reward_mean": 0.9, "reward_std": 0.3, "reward_min": 0.2, "reward_max": 1.0},
+        {"epoch": 1, "reward_mean": 0.5, "reward_std": 0.1, "reward_min": 0.0, "reward_max": 1.0},
+        {"epoch": 2, "reward_mean": 0.1, "reward_std": 0.4, "reward_min": 0.0, "reward_max": 0.7},
+    ]
+    low, high = reward_band(rows)
+    assert low.tolist() == pytest.approx([0.6, 0.4, 0.0])
+    assert high.tolist() == pytest.approx([1.0, 0.6, 0.5])
+    unclipped = reward_band([{k: v for k, v in r.items() if k not in ("reward_min", "reward_max")} for r in rows])
+    assert unclipped[1].tolist() == pytest.approx([1.2, 0.6, 0.5])  # without min/max: the plain ± std
+    assert reward_band([{"epoch": 0, "reward_mean": 1.0}]) is None
+
+
+def test_plot_curves_draws_the_clipped_band(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from orw_diffusers.images import plot_curves
+
+    bands = []
+    fill_between = Axes.fill_between
+    def recording(ax, x, y1, y2, **kwargs):
+        bands.append((y1, y2))
+        return fill_between(ax, x, y1, y2, **kwargs)
+
+    monkeypatch.setattr(Axes, "fill_between", recording)
+    rows = [{"epoch": i, "reward_mean": m, "reward_std": 0.5, "reward_min": 0.0, "reward_max": 1.0, "w2_loss": 0.1}
+            for i, m in enumerate([0.2, 0.8])]  # fmt: skip
+    assert plot_curves(rows, str(tmp_path / "curves.png")) == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    ((low, high),) = bands
+    assert low.tolist() == pytest.approx([0.0, 0.3]) and high.tolist() == pytest.approx([0.7, 1.0])
+
+
+def test_sample_grid_puts_one_prompt_per_labelled_row(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from orw_diffusers import run_log
+
+    drawn = {}
+    def recording(images, **kwargs):
+        drawn.update(kwargs, images=images)
+        return Image.new("RGB", (4, 4))
+
+    monkeypatch.setattr(run_log, "image_grid", recording)
+    cfg = SimpleNamespace(output_dir=str(tmp_path), sample_log_interval=1)
+    log = run_log.RunLog(cfg, SimpleNamespace(is_main_process=True, trackers=[]), {"a cat": 0, "a dog": 1})
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2) / 10  # sample i is grey level i / 10
+    log.sample_grid(0, images, ["a cat", "a dog"] * 3, torch.arange(6.0))  # samples alternate between prompts
+    assert drawn["ncols"] == 3 and drawn["row_labels"] == ["p0", "p1"]
+    assert drawn["captions"] == ["p0 r=0", "p0 r=2", "p0 r=4", "p1 r=1", "p1 r=3", "p1 r=5"]
+    assert drawn["images"][:, 0, 0, 0].tolist() == pytest.approx([0.0, 0.2, 0.4, 0.1, 0.3, 0.5])
+
+
 def _events(output_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

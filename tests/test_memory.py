@@ -1,12 +1,13 @@
 """The memory planner: shipped and local configs without network, the breakdown, monotonic sanity, errors."""
 
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_run_config
+from conftest import REPO, tiny_run_config
 from orw_diffusers import memory
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig
@@ -264,3 +265,11 @@ def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path):
     assert not s.reference_pass  # no KL term: no reference forward
     orw = PlanSettings.from_train_config(TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir")))
     assert orw.latents_per_sample == 1 and orw.reference_pass
+
+
+def test_the_digits_name_plans_the_cached_base_and_never_builds_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ORW_DIFFUSERS_CACHE", str(tmp_path / "empty-cache"))
+    assert memory.main(["--config", os.path.join(REPO, "configs", "digits_even.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "'orw-diffusers/digits' is not built yet" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "empty-cache").exists()

@@ -104,3 +104,35 @@ def test_two_processes_equal_one_process_with_double_batch(pretrained_tiny_sd3_p
     assert any(v.abs().max() > 0 for k, v in lora_one.items() if "lora_B" in k)  # the adapter trained
     m_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in m_two] == [0, 1]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state is a process-wide singleton fixed by the first Accelerator: start from none, leave none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_config_silent_on_precision_takes_accelerates(tiny_sd3_path, tmp_path, monkeypatch, fresh_accelerate_state):
+    """As under ``accelerate launch --mixed_precision bf16``: the run trains in bf16 (real autocast on CPU) and
+    config.yaml records it, where the run config says nothing about precision."""
+    from orw_diffusers import lora
+    from rewards_for_tests import darkness
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    values = tiny_run_config(tiny_sd3_path, str(tmp_path / "out"), num_epochs=1, report_to="none")
+    assert "mixed_precision" not in values
+    trainer = Trainer(TrainConfig(**values), reward_fn=darkness)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    model = trainer.unwrapped
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in lora.lora_parameters(model, None)} == {torch.float32}
+    trainer.train()
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))

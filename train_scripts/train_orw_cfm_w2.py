@@ -3,7 +3,9 @@
     accelerate launch [--config_file accelerate_configs/X.yaml] train_scripts/train_orw_cfm_w2.py \
         --config run.yaml [--key value ...]
 
-Every key of the run config (see README.md) can be overridden on the command line.
+Every key of the run config (see README.md) can be overridden on the command line, as in diffusers'
+scripts: ``--gradient_checkpointing`` (or ``--no_gradient_checkpointing``), ``--validation_prompts "a" "b"``.
+With no ``mixed_precision`` in the run config, Accelerate's applies (``accelerate launch --mixed_precision bf16``).
 Bad values exit with code 2 and one line naming the key, before any model is loaded.
 """
 
@@ -15,6 +17,7 @@ import sys
 
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import parse_args, validate
+from orw_diffusers.hub import prepare_repo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         sizes = validate(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+        prepare_repo(cfg, main_process=os.environ.get("RANK", "0") == "0")  # push_to_hub: token + repo, now
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ NEGATIVE_PROMPT = ""
 DIGITS_GUIDANCE_SCALE = 2.0
 DIGITS_NUM_STEPS = 20
 BASE_NAME = "digits-sd3-v2"
+#: the name ``pretrained_model_name_or_path`` gives the cached base (built when missing); never a Hub id
+DIGITS_MODEL_NAME = "orw-diffusers/digits"
 CLASSIFIER_DIR = "classifiers"
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0  # the held-out split never changes with the build seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -84,6 +85,21 @@ def parse_reward_memory(values: Sequence[str]) -> tuple[tuple[str, int], ...]:
     return tuple(out.items())
 
 
+def planned_model_path(path: str) -> str:
+    """The digits name plans its cached base (never built here: the build takes minutes); other paths as given."""
+    from ..digits.data import BASE_NAME, DIGITS_MODEL_NAME, digits_cache_dir
+
+    if path != DIGITS_MODEL_NAME:
+        return path
+    cached = os.path.join(digits_cache_dir(), BASE_NAME)
+    if not os.path.isfile(os.path.join(cached, "model_index.json")):
+        raise ConfigError(
+            f"pretrained_model_name_or_path: {path!r} is not built yet; build it once with `python -m orw_diffusers.demo` "
+            f"(or a training run with it), then plan"
+        )
+    return cached
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..config import from_dict, load_yaml, parse_overrides
 
@@ -119,11 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = from_dict(values)
         settings = PlanSettings.from_train_config(cfg, args.num_processes, prompt_cache=not args.no_prompt_cache)
         settings = replace(settings, reward_memory=parse_reward_memory(args.reward_memory))
-        if cfg.mixed_precision not in WEIGHT_DTYPES:
-            raise ConfigError(f"mixed_precision: {cfg.mixed_precision!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        if settings.mixed_precision not in WEIGHT_DTYPES:  # the config's, else Accelerate's
+            raise ConfigError(f"mixed_precision: {settings.mixed_precision!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         budget = parse_size(args.gpu_memory) if args.gpu_memory else None
         overhead = parse_size(args.runtime_overhead)
-        planner = MemoryPlanner(load_model_configs(cfg.pretrained_model_name_or_path))
+        planner = MemoryPlanner(load_model_configs(planned_model_path(cfg.pretrained_model_name_or_path)))
         planner.reward_models(settings)  # an unsized reward is an error here, before any tracing
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -171,7 +171,7 @@ class PlanSettings:
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig, num_processes: int = 1, prompt_cache: bool = True) -> "PlanSettings":
-        from ..config import derive_sizes
+        from ..config import derive_sizes, resolved_mixed_precision
         from ..objectives import build_objective
         from ..rewards import parse_reward_spec
 
@@ -193,7 +193,7 @@ class PlanSettings:
             rank=cfg.rank,
             lora_alpha=cfg.lora_alpha,
             lora_target_modules=tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None,
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=resolved_mixed_precision(cfg),  # the config's, else Accelerate's (launch flag, env)
             gradient_checkpointing=cfg.gradient_checkpointing,
             prompt_cache=prompt_cache,
             load_t5=cfg.load_t5,

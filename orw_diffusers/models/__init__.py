@@ -44,6 +44,9 @@ def _check_dtype(family: type[PipelineFamily], mixed_precision: str, weight_dtyp
 def check_model_precision(path_or_id: str, revision: Optional[str], mixed_precision: str) -> None:
     """Refuse a ``mixed_precision`` the checkpoint's family cannot run (e.g. FLUX + fp16), before anything loads.
 
+    ``mixed_precision`` is the value the run will use: ``config.resolved_mixed_precision`` (the config's, else
+    Accelerate's), so a launch with ``--mixed_precision fp16`` is refused as a config's ``fp16`` is.
+
     Reads only ``model_index.json``. Raises ``ConfigError`` (one line) for an unsupported pair or an
     unsupported pipeline class. When ``model_index.json`` cannot be read (no such file, hub
     unreachable) it returns silently: ``load_family`` reports that, and checks the dtype again.

@@ -13,7 +13,8 @@ from .lora import LoRAPolicy
 
 def _lora(cfg: Any, model: FlowModel) -> Policy:
     # the model's default target modules unless the run names them
-    return LoRAPolicy(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules or model.lora_target_modules)
+    targets = cfg.lora_target_modules or model.lora_target_modules
+    return LoRAPolicy(cfg.rank, cfg.lora_alpha, targets, getattr(cfg, "lora_dropout", 0.0))
 
 
 def _full(cfg: Any, model: FlowModel) -> Policy:

@@ -20,13 +20,14 @@ from .base import Policy
 
 
 class LoRAPolicy(Policy):
-    def __init__(self, rank: int, lora_alpha: Optional[float], target_modules: list[str]):
+    def __init__(self, rank: int, lora_alpha: Optional[float], target_modules: list[str], dropout: float = 0.0):
         self.rank = rank
         self.lora_alpha = lora_alpha
         self.target_modules = target_modules
+        self.dropout = dropout
 
     def attach(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return lora.add_adapters(module, self.rank, self.lora_alpha, self.target_modules)
+        return lora.add_adapters(module, self.rank, self.lora_alpha, self.target_modules, self.dropout)
 
     @contextlib.contextmanager
     def sampler(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
