@@ -435,3 +435,38 @@ def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Seque
     args = parse(parser(doc.splitlines()[0]), argv)
     emit(run(args.quick, reps_of(args, default_reps)), args)
     return 0
+
+
+def run_child_jobs(jobs: list[dict], module: str, max_jobs: int, env: dict[str, str],
+                   summary: Callable[[dict], str]) -> list[dict]:  # fmt: skip
+    """Run ``python -m module --one <out_dir>/job.json`` for each job (``max_jobs`` at a time, output in
+    ``<out_dir>/run.log``) and return each child's ``<out_dir>/sweep_result.json`` as it finishes. A job is a
+    dict with ``out_dir`` and ``spec.name``; a failed child is reported and left out."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    pending, active, results = list(jobs), [], []
+    while pending or active:
+        while pending and len(active) < max_jobs:
+            job = pending.pop(0)
+            os.makedirs(job["out_dir"], exist_ok=True)
+            job_path = os.path.join(job["out_dir"], "job.json")
+            with open(job_path, "w") as f:
+                json.dump(job, f)
+            log = open(os.path.join(job["out_dir"], "run.log"), "w")
+            proc = subprocess.Popen([sys.executable, "-m", module, "--one", job_path], stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=REPO, env=env)  # fmt: skip
+            active.append((job, proc, log, time.perf_counter()))
+        time.sleep(0.5)
+        for item in list(active):
+            job, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            name, path = job["spec"]["name"], os.path.join(job["out_dir"], "sweep_result.json")
+            if proc.returncode != 0 or not os.path.exists(path):
+                print(f"{name}: FAILED (rc {proc.returncode}); see {os.path.join(job['out_dir'], 'run.log')}", flush=True)
+                continue
+            with open(path) as f:
+                results.append(json.load(f))
+            print(f"{name}: {time.perf_counter() - t0:.0f} s, {summary(results[-1])}", flush=True)
+    return results

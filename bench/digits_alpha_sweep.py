@@ -17,7 +17,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from bench.common import REPO, TRAIN_SCRIPT
+from bench.common import REPO, TRAIN_SCRIPT, run_child_jobs
 
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 GRPO_CONFIG = os.path.join(REPO, "configs", "digits_even_grpo.yaml")
@@ -130,42 +129,15 @@ def run_one(job: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def launch(spec: RunSpec, args: argparse.Namespace, base: str, work: str, extra: dict[str, Any]) -> subprocess.Popen:
-    out_dir = os.path.join(work, spec.name)
-    os.makedirs(out_dir, exist_ok=True)
-    job = {"spec": asdict(spec), "base": base, "out_dir": out_dir, "extra": extra, "threads": args.threads,
-           "num_eval": args.num_eval, "eval_seed": args.eval_seed, "eval_steps": args.eval_steps}
-    job_path = os.path.join(out_dir, "job.json")
-    with open(job_path, "w") as f:
-        json.dump(job, f)
-    log = open(os.path.join(out_dir, "run.log"), "w")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "bench.digits_alpha_sweep", "--one", job_path],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+def job_for(spec: RunSpec, args: argparse.Namespace, base: str, work: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"spec": asdict(spec), "base": base, "out_dir": os.path.join(work, spec.name), "extra": extra,
+            "threads": args.threads, "num_eval": args.num_eval, "eval_seed": args.eval_seed,
+            "eval_steps": args.eval_steps}  # fmt: skip
 
 
 def run_all(runs: list[RunSpec], args: argparse.Namespace, base: str, work: str, extra: dict[str, Any]) -> list[dict]:
-    pending, active, results = list(runs), [], []
-    while pending or active:
-        while pending and len(active) < args.jobs:
-            spec = pending.pop(0)
-            active.append((spec, launch(spec, args, base, work, extra), time.perf_counter()))
-        time.sleep(0.5)
-        for item in list(active):
-            spec, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            path = os.path.join(work, spec.name, "sweep_result.json")
-            if proc.returncode != 0 or not os.path.exists(path):
-                print(f"{spec.name}: FAILED (rc {proc.returncode}); see {os.path.join(work, spec.name, 'run.log')}",
-                      flush=True)
-                continue
-            with open(path) as f:
-                result = json.load(f)
-            results.append(result)
-            print(f"{spec.name}: {time.perf_counter() - t0:.0f} s, {summary_line(result)}", flush=True)
-    return results
+    jobs = [job_for(spec, args, base, work, extra) for spec in runs]
+    return run_child_jobs(jobs, "bench.digits_alpha_sweep", args.jobs, {"HF_HUB_OFFLINE": "1"}, summary_line)
 
 
 def target_share(result: dict) -> float:

@@ -21,14 +21,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from bench.common import REPO
+from bench.common import REPO, run_child_jobs
 
 EVEN = (0, 2, 4, 6, 8)
 BEGIN = "<!-- digits_pixel_sweep: begin (written by python -m bench.digits_pixel_sweep) -->"
@@ -143,34 +142,9 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: s
             results.append(run_one(job_for(spec, args, hyper, base, work)))
             print(f"{spec.name}: {summary_line(results[-1])}", flush=True)
         return results
-    pending, active = list(runs), []
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(args.threads))  # fmt: skip
-    while pending or active:
-        while pending and len(active) < args.jobs:
-            spec = pending.pop(0)
-            job = job_for(spec, args, hyper, base, work)
-            job_path = os.path.join(job["out_dir"], "job.json")
-            with open(job_path, "w") as f:
-                json.dump(job, f)
-            log = open(os.path.join(job["out_dir"], "run.log"), "w")
-            proc = subprocess.Popen([sys.executable, "-m", "bench.digits_pixel_sweep", "--one", job_path],
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # fmt: skip
-            active.append((spec, proc, log))
-        time.sleep(0.5)
-        for item in list(active):
-            spec, proc, log = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            log.close()
-            path = os.path.join(work, spec.name, "sweep_result.json")
-            if proc.returncode != 0 or not os.path.exists(path):
-                print(f"{spec.name}: FAILED (rc {proc.returncode}); see {os.path.join(work, spec.name, 'run.log')}")
-                continue
-            with open(path) as f:
-                results.append(json.load(f))
-            print(f"{spec.name}: {summary_line(results[-1])}", flush=True)
+    jobs = [job_for(spec, args, hyper, base, work) for spec in runs]
+    results = run_child_jobs(jobs, "bench.digits_pixel_sweep", args.jobs, {"OMP_NUM_THREADS": str(args.threads)},
+                             summary_line)  # fmt: skip
     order = [spec.name for spec in runs]
     return sorted(results, key=lambda r: order.index(r["spec"]["name"]))
 
