@@ -338,6 +338,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  "num_sampling_steps": 2}
         args.num_eval, args.eval_steps, args.jobs = 16, 2, 3
         args.alphas, args.seeds, args.control_seeds = args.alphas[:1], args.seeds[:1], args.control_seeds[:1]
+        if argv is None or "--output" not in argv:  # a plumbing run never rewrites docs/
+            args.output = os.path.join(work, "results.md")
     base = base or digits.ensure_digits_base()
     if args.num_epochs:
         extra["num_epochs"] = args.num_epochs
