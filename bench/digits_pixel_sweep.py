@@ -90,25 +90,31 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
+def fine_tune(config: dict[str, Any], base: str, reward_fn: Any, hyper: Hyper) -> tuple[Any, float]:
+    """``ORWCFMTrainer`` on a fresh copy of the base -> (the fine-tuned model, wall seconds of ``train()``)."""
+    from orw_diffusers.cfm import ORWCFMTrainer
+    from orw_diffusers.digits.pixel import load_pixel_model
+
+    trainer = ORWCFMTrainer(load_pixel_model(base).train(), config, "cpu", reward_fn=reward_fn)
+    start = time.perf_counter()
+    trainer.train(num_epochs=hyper.rounds // hyper.refresh, steps_per_epoch=hyper.refresh)
+    train_seconds = time.perf_counter() - start
+    tuned = load_pixel_model(base)
+    tuned.load_state_dict(trainer.checkpoint_dict()["net_model"])
+    return tuned, train_seconds
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from orw_diffusers.cfm import ORWCFMTrainer
     from orw_diffusers.digits.judge import evaluate_images
-    from orw_diffusers.digits.pixel import load_pixel_model, pixel_digit_reward, sample_pixel_digits, to_judge_images
+    from orw_diffusers.digits.pixel import pixel_digit_reward, sample_pixel_digits, to_judge_images
     from orw_diffusers.hub import read_metrics
 
     torch.set_num_threads(job["threads"])
     spec, hyper, base, out_dir = RunSpec(**job["spec"]), Hyper(**job["hyper"]), job["base"], job["out_dir"]
     reward_fn = pixel_digit_reward(base, EVEN)
-    model = load_pixel_model(base).train()
-    trainer = ORWCFMTrainer(model, trainer_config(spec, hyper, out_dir), "cpu", reward_fn=reward_fn)
-    start = time.perf_counter()
-    trainer.train(num_epochs=hyper.rounds // hyper.refresh, steps_per_epoch=hyper.refresh)
-    train_seconds = time.perf_counter() - start
-
-    tuned = load_pixel_model(base)
-    tuned.load_state_dict(trainer.checkpoint_dict()["net_model"])
+    tuned, train_seconds = fine_tune(trainer_config(spec, hyper, out_dir), base, reward_fn, hyper)
     images = sample_pixel_digits(tuned, job["num_eval"], seed=job["eval_seed"], num_steps=hyper.num_sampling_steps)
     rows = read_metrics(out_dir)
     last = rows[-W2_LAST_ROUNDS:]
@@ -304,19 +310,20 @@ DISCUSSION_MARK = "### Discussion (pixel base)"
 NO_DISCUSSION = "<!-- written by hand; kept when the script rewrites this section -->"
 
 
-def update_results(path: str, section_of: Any) -> None:
-    """Replace the section between BEGIN and END in ``path`` (append it if absent); keep its hand-written
-    discussion. ``section_of(discussion) -> markdown``."""
+def update_results(path: str, section_of: Any, begin: str = BEGIN, end: str = END,
+                   discussion_mark: str = DISCUSSION_MARK) -> None:  # fmt: skip
+    """Replace the section between ``begin`` and ``end`` in ``path`` (append it if absent); keep its
+    hand-written discussion, the text after ``discussion_mark``. ``section_of(discussion) -> markdown``."""
     old = ""
     if os.path.isfile(path):
         with open(path) as f:
             old = f.read()
     discussion = NO_DISCUSSION
-    if BEGIN in old and END in old:
-        before, rest = old.split(BEGIN, 1)
-        current, after = rest.split(END, 1)
-        if DISCUSSION_MARK in current:
-            discussion = current.split(DISCUSSION_MARK, 1)[1]
+    if begin in old and end in old:
+        before, rest = old.split(begin, 1)
+        current, after = rest.split(end, 1)
+        if discussion_mark in current:
+            discussion = current.split(discussion_mark, 1)[1]
         text = before + section_of(discussion).rstrip("\n") + after
     else:
         text = old.rstrip("\n") + ("\n\n" if old else "") + section_of(discussion)

@@ -20,6 +20,7 @@ IN_PROCESS = [
     "text_encoder_calls",
     "planner_validation",
     "digits_pixel_sweep",
+    "digits_pixel_cfg",
 ]
 
 
