@@ -27,14 +27,20 @@ import yaml
 
 from .checkpoint import LORA_WEIGHTS_NAME
 from .errors import ConfigError
+from .models.velocity import VELOCITY_KIND, VELOCITY_LORA_NAME, WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY
+from .policies.full import FULL_WEIGHTS_NAME
 
 CARD_NAME = "README.md"
 #: diffusers' LoRA training scripts tag their cards ``diffusers-training``, ``lora`` and ``template:sd-lora``
 CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora", "orw-cfm-w2"]
 #: a pipeline class (``model_index.json``'s ``_class_name``) -> the family's Hub tags
 FAMILY_TAGS = {"StableDiffusion3Pipeline": ["sd3"], "FluxPipeline": ["flux"]}
-#: files of output_dir that go to the Hub; checkpoints/, logs/ and all but the card's images stay local
-UPLOADED_FILES = [LORA_WEIGHTS_NAME, CARD_NAME, "config.yaml", "metrics.jsonl"]
+#: a finished run's weights, one of: a pipeline's LoRA (diffusers' format), a velocity model's LoRA
+#: (peft's key names), every weight of the denoiser or velocity model (a state dict)
+WEIGHT_FILES = (LORA_WEIGHTS_NAME, VELOCITY_LORA_NAME, FULL_WEIGHTS_NAME)
+#: files of output_dir that go to the Hub besides the weights; checkpoints/, logs/ and all but the card's
+#: images stay local
+UPLOADED_FILES = [CARD_NAME, "config.yaml", "metrics.jsonl"]
 #: remote files removed by every push before the new ones land: the sample images of an earlier push
 STALE_PATTERNS = ["samples/*"]
 #: at most this many validation grids in the card's widget gallery (the first, the last, evenly between)
@@ -46,6 +52,40 @@ _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 
 class HubUploadError(RuntimeError):
     """The upload failed; the files are still on disk and the message ends with the retry command."""
+
+
+@dataclass(frozen=True)
+class SavedWeights:
+    """The weights file of a finished run and what it holds (read from its safetensors metadata)."""
+
+    file: str  # its name in output_dir, one of WEIGHT_FILES
+    velocity: bool  # a plain velocity model's (else a pipeline denoiser's)
+    lora: bool  # an adapter (else every weight)
+    module_class: Optional[str] = None  # a velocity model's class, e.g. torchcfm.models.unet.unet.UNetModelWrapper
+
+
+def saved_weights(output_dir: str) -> Optional[SavedWeights]:
+    """The run's weights in ``output_dir`` (the first of ``WEIGHT_FILES`` present), or None."""
+    from safetensors import safe_open
+
+    for name in WEIGHT_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception:  # noqa: BLE001 - unreadable header: the file's name still says what it is
+                meta = {}
+            velocity = name == VELOCITY_LORA_NAME or meta.get(WEIGHTS_KIND_KEY) == VELOCITY_KIND
+            return SavedWeights(name, velocity, name != FULL_WEIGHTS_NAME, meta.get(WEIGHTS_MODULE_KEY))
+    return None
+
+
+def load_hint(weights: SavedWeights, repo_id: str) -> str:
+    """One line: how to load the weights pushed to ``repo_id``."""
+    if not weights.velocity and weights.lora:
+        return f"pipe.load_lora_weights({repo_id!r})"
+    return f"hf_hub_download({repo_id!r}, {weights.file!r}) (usage in the model card)"
 
 
 @dataclass
@@ -71,6 +111,7 @@ class RunSummary:
     #: ``license`` (and ``license_name`` / ``license_link``) from the base model's card; {} when unknown
     license: dict[str, str] = field(default_factory=dict)
     family_tags: list[str] = field(default_factory=list)
+    weights: SavedWeights = SavedWeights(LORA_WEIGHTS_NAME, velocity=False, lora=True)
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -164,7 +205,11 @@ def summarize_run(output_dir: str) -> RunSummary:
     rows = read_metrics(output_dir)
     last = rows[-1] if rows else {}
     prompts = config.get("validation_prompts") or config.get("prompts") or []
-    base = str(config.get("pretrained_model_name_or_path", "unknown"))
+    weights = saved_weights(output_dir) or SavedWeights(LORA_WEIGHTS_NAME, velocity=False, lora=True)
+    if weights.velocity:  # not a pipeline: pretrained_model_name_or_path was not read
+        base = str(config.get("model_factory") or weights.module_class or "a velocity model")
+    else:
+        base = str(config.get("pretrained_model_name_or_path", "unknown"))
     return RunSummary(
         base_model=base,
         reward=config.get("reward"),
@@ -181,8 +226,9 @@ def summarize_run(output_dir: str) -> RunSummary:
         config=config,
         validation_images=validation_images(output_dir),
         validation_prompts=list(config.get("validation_prompts") or []),
-        license=base_model_license(base),
-        family_tags=family_tags(base),
+        license={} if weights.velocity else base_model_license(base),
+        family_tags=[] if weights.velocity else family_tags(base),
+        weights=weights,
     )
 
 
@@ -222,34 +268,42 @@ def _widget(summary: RunSummary) -> list[dict[str, Any]]:
 def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> Any:
     """A ``huggingface_hub.ModelCard``. Metadata: ``library_name: diffusers``, ``base_model``, the license
     inherited from the base model's card, the tags of diffusers' LoRA cards and the family's (``sd3``,
-    ``sd3.5``, ``flux``), a ``widget`` gallery of the validation grids. Body: the method's settings, the
-    final reward and diversity, a sample grid and the loading snippet."""
+    ``sd3.5``, ``flux``), a ``widget`` gallery of the validation grids; for a plain velocity model, its
+    class and no pipeline. Body: the method's settings, the final reward and diversity, a sample grid and
+    the loading snippet of the run's weights (``summary.weights``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    base = summary.base_model
-    base_is_hub = _is_hub_id(base)
-    tags = list(CARD_TAGS) + [t for t in summary.family_tags if t not in CARD_TAGS]
-    data = ModelCardData(
-        base_model=base if base_is_hub else None,  # the Hub rejects a local path here
-        library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=tags,
-        widget=_widget(summary) or None,
-        **summary.license,
-    )
-    where = repo_id or os.path.abspath(output_dir)
+    base, weights = summary.base_model, summary.weights
+    base_is_hub = not weights.velocity and _is_hub_id(base)
+    what = "LoRA adapter" if weights.lora else "fine-tune"
+    if weights.velocity:
+        tags = ["orw-cfm-w2", "flow-matching", "pytorch"] + (["lora"] if weights.lora else [])
+        data = ModelCardData(pipeline_tag="unconditional-image-generation", tags=tags, widget=_widget(summary) or None)
+    else:
+        tags = list(CARD_TAGS if weights.lora else [t for t in CARD_TAGS if t not in ("lora", "template:sd-lora")])
+        tags += [t for t in summary.family_tags if t not in tags]
+        data = ModelCardData(
+            base_model=base if base_is_hub else None,  # the Hub rejects a local path here
+            library_name="diffusers",
+            pipeline_tag="text-to-image",
+            tags=tags,
+            widget=_widget(summary) or None,
+            **summary.license,
+        )
     base_link = f"[{base}](https://huggingface.co/{base})" if base_is_hub else f"`{base}`"
     if summary.license:
         license_note = f"License: `{summary.license['license']}`, inherited from the base model's card."
     else:
         license_note = (
-            "License: **not set**. The base model's license terms apply to this adapter: add a `license:` "
+            f"License: **not set**. The base model's license terms apply to this {what}: add a `license:` "
             "to this card's metadata (and `license_name` / `license_link` for `other`), as on the base model's card."
         )
     reward_change = f"{_fmt(summary.first_reward)} → {_fmt(summary.final_reward)}"
     if summary.final_reward_std is not None:
         reward_change += f" (± {_fmt(summary.final_reward_std)} over the last round's samples)"
     cfg = summary.config
+    size = ("image_shape", "num_sampling_steps", "guidance_scale") if weights.velocity else (
+        "resolution", "num_sampling_steps", "guidance_scale")  # fmt: skip
     rows = [
         ("base model", base_link),
         ("reward", f"`{_reward_text(summary.reward)}`"),
@@ -259,21 +313,26 @@ def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> 
         ("samples seen", str(summary.samples_seen)),
         ("mean reward, first → last round", reward_change),
         ("diversity, last round", _fmt(summary.final_diversity)),
-        ("LoRA rank / learning rate", f"{cfg.get('rank', '—')} / {cfg.get('learning_rate', '—')}"),
-        ("resolution / sampling steps / guidance", " / ".join(
-            str(cfg.get(k, "—")) for k in ("resolution", "num_sampling_steps", "guidance_scale")
-        )),
+        ("LoRA rank / learning rate" if weights.lora else "policy / learning rate",
+         f"{cfg.get('rank', '—') if weights.lora else 'full fine-tuning'} / {cfg.get('learning_rate', '—')}"),
+        (" / ".join(k.replace("_", " ") for k in size), " / ".join(str(cfg.get(k, "—")) for k in size)),
     ]  # fmt: skip
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     image = f"\n![samples]({summary.image})\n" if summary.image else ""
-    prompt = (summary.example_prompt or "a photo of a cat").replace('"', '\\"')
+    trained = "adapter" if weights.lora else "model's weights"
+    holds = {
+        (False, True): f"A LoRA adapter for {base_link}",
+        (False, False): f"The transformer of {base_link}, every weight",
+        (True, True): f"A LoRA adapter (peft) for the velocity model {base_link}",
+        (True, False): f"The velocity model {base_link}, every weight",
+    }[(weights.velocity, weights.lora)]
     body = f"""
-# ORW-CFM-W2 LoRA for {base}
+# ORW-CFM-W2 {what} of {base}
 
-A LoRA adapter for {base_link}, fine-tuned online towards a reward with **ORW-CFM-W2** (Online
+{holds} fine-tuned online towards a reward with **ORW-CFM-W2** (Online
 Reward-Weighted Conditional Flow Matching with Wasserstein-2 regularisation; Fan et al., ICLR 2025)
 using `orw-diffusers`. Each round the current model sampled images, the reward
-scored them, and the adapter was fitted to its own samples weighted by `exp(temperature * reward)`,
+scored them, and the {trained} were fitted to its own samples weighted by `exp(temperature * reward)`,
 with a W2 term (`w2_coefficient`) keeping it close to the base model.
 
 {license_note}
@@ -289,15 +348,40 @@ in `metrics.jsonl`.
 ## Use
 
 ```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{where}")
-image = pipe("{prompt}").images[0]
+{usage_snippet(summary, repo_id, output_dir)}
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def usage_snippet(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> str:
+    """Python that loads the run's weights from ``repo_id`` (else from the local ``output_dir``)."""
+    base, weights = summary.base_model, summary.weights
+    prompt = (summary.example_prompt or "a photo of a cat").replace('"', '\\"')
+    if not weights.velocity and weights.lora:
+        return "\n".join([
+            "import torch", "from diffusers import DiffusionPipeline", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")',
+            f'pipe.load_lora_weights("{repo_id or os.path.abspath(output_dir)}")',
+            f'image = pipe("{prompt}").images[0]',
+        ])  # fmt: skip
+    if repo_id:
+        imports, path = ["from huggingface_hub import hf_hub_download"], f'hf_hub_download("{repo_id}", "{weights.file}")'
+    else:
+        imports, path = [], repr(os.path.join(os.path.abspath(output_dir), weights.file))
+    if not weights.velocity:  # every weight of a pipeline's transformer
+        return "\n".join([
+            "import torch", "from diffusers import DiffusionPipeline", *imports, "from safetensors.torch import load_file", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.bfloat16)',
+            f"pipe.transformer.load_state_dict(load_file({path}))", 'pipe.to("cuda")',
+            f'image = pipe("{prompt}").images[0]',
+        ])  # fmt: skip
+    build = f"model = ...  # the module as it was built for training: {base}"
+    if weights.lora:
+        return "\n".join([*imports, "from orw_diffusers.models.velocity import load_lora_adapter", "",
+                          build + ", with its pretrained weights", f"load_lora_adapter(model, {path})"])  # fmt: skip
+    return "\n".join([*imports, "from safetensors.torch import load_file", "", build,
+                      f"model.load_state_dict(load_file({path}))"])  # fmt: skip
 
 
 def write_model_card(output_dir: str, repo_id: Optional[str] = None) -> str:
@@ -317,7 +401,8 @@ def upload_patterns(output_dir: str) -> list[str]:
     and the card's images (its sample grid and the widget's validation grids)."""
     image = card_image(output_dir)
     images = ([image] if image else []) + [path for _, path in validation_images(output_dir)]
-    return UPLOADED_FILES + list(dict.fromkeys(images))
+    weights = saved_weights(output_dir)
+    return ([weights.file] if weights else []) + UPLOADED_FILES + list(dict.fromkeys(images))
 
 
 def _reason(e: BaseException) -> str:
@@ -390,9 +475,8 @@ def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any =
     The weights and the card must already be on disk. Any failure raises ``HubUploadError`` whose
     message ends with the command that retries; nothing local is touched. Returns the repo id.
     """
-    weights = os.path.join(output_dir, LORA_WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} does not exist: nothing to push")
+    if saved_weights(output_dir) is None:
+        raise FileNotFoundError(f"{output_dir} holds none of {', '.join(WEIGHT_FILES)}: nothing to push")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -406,7 +490,8 @@ def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any =
             folder_path=output_dir,
             allow_patterns=upload_patterns(output_dir),
             delete_patterns=STALE_PATTERNS,  # files uploaded in this commit are kept
-            commit_message=f"ORW-CFM-W2 LoRA: {summary.rounds} rounds, {summary.samples_seen} samples",
+            commit_message=f"ORW-CFM-W2 {'LoRA' if summary.weights.lora else 'fine-tune'}: {summary.rounds} rounds, "
+                           f"{summary.samples_seen} samples",  # fmt: skip
         )
     except Exception as e:  # network, auth, quota, ...: all leave the files on disk and say how to retry
         raise HubUploadError(
@@ -431,5 +516,6 @@ def publish(cfg: Any, summary: str, api: Any = None) -> None:
         except HubUploadError as e:
             print(f"error: {e}", file=sys.stderr)
             raise
-        where = f"; on the Hub as {repo_id}: pipe.load_lora_weights({repo_id!r})"
+        weights = saved_weights(cfg.output_dir)
+        where = f"; on the Hub as {repo_id}: {load_hint(weights, repo_id)}" if weights else f"; on the Hub as {repo_id}"
     print(summary + where)

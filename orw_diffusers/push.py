@@ -22,7 +22,8 @@ import yaml
 
 from .errors import ConfigError
 from .hub import (
-    CARD_NAME, LORA_WEIGHTS_NAME, UPLOAD_FAILED_EXIT_CODE, HubUploadError, check_repo_id, push_to_hub, write_model_card,
+    CARD_NAME, UPLOAD_FAILED_EXIT_CODE, WEIGHT_FILES, HubUploadError, check_repo_id, load_hint, push_to_hub,
+    saved_weights, write_model_card,
 )  # fmt: skip
 
 
@@ -50,8 +51,10 @@ def main(argv: Optional[list[str]] = None, api: Any = None) -> int:
     parser.add_argument("--keep_card", action="store_true", help=f"upload the existing {CARD_NAME} unchanged")
     args = parser.parse_args(argv)
 
-    if not os.path.isfile(os.path.join(args.output_dir, LORA_WEIGHTS_NAME)):
-        print(f"error: {args.output_dir!r} has no {LORA_WEIGHTS_NAME}: not a finished training run", file=sys.stderr)
+    weights = saved_weights(args.output_dir)
+    if weights is None:
+        print(f"error: {args.output_dir!r} holds none of {', '.join(WEIGHT_FILES)}: not a finished training run",
+              file=sys.stderr)  # fmt: skip
         return 2
     repo_id = args.hub_model_id or configured_repo_id(args.output_dir)
     try:
@@ -71,7 +74,7 @@ def main(argv: Optional[list[str]] = None, api: Any = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return UPLOAD_FAILED_EXIT_CODE
     print(
-        f"pushed {args.output_dir} to https://huggingface.co/{repo_id}  (load with pipe.load_lora_weights({repo_id!r}))"
+        f"pushed {args.output_dir} to https://huggingface.co/{repo_id}  (load with {load_hint(weights, repo_id)})"
     )
     return 0
 

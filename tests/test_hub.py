@@ -155,7 +155,8 @@ def test_failed_upload_keeps_files_and_prints_the_retry_command(tiny_sd3_path, t
 
 def test_push_refuses_a_directory_without_weights(tmp_path, capsys):
     assert push.main([str(tmp_path), "--hub_model_id", "me/x"], api=FakeApi()) == 2
-    assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "none of pytorch_lora_weights.safetensors, lora_adapter.safetensors, model.safetensors" in err
 
 
 def test_card_names_a_hub_base_model_in_its_metadata(tmp_path):

@@ -339,6 +339,8 @@ def test_the_readme_example_on_a_tiny_unet(tmp_path, monkeypatch):
     fresh.load_state_dict(ck["net_model"])  # the original's keys load into a plain UNet
     assert os.path.isfile(tmp_path / "results" / "model.safetensors")
     assert os.path.isfile(tmp_path / "results" / "metrics.jsonl")
+    card = (tmp_path / "results" / "README.md").read_text()  # names the module passed in, not a pipeline
+    assert "torchcfm.models.unet.unet.UNetModelWrapper" in card and "stable-diffusion" not in card
 
 
 # --- bad inputs --------------------------------------------------------------------------------------
@@ -431,6 +433,28 @@ def test_script_trains_a_factory_model_from_a_checkpoint(tmp_path):
     assert set(weights) == set(start.state_dict())
     assert script.main(_script_argv(tmp_path, "lora", policy="lora")) == 0
     assert os.path.isfile(tmp_path / "lora" / "lora_adapter.safetensors")
+    # the model cards describe the velocity model, never the pipeline default of pretrained_model_name_or_path
+    for out, snippet in (("full", "model.load_state_dict(load_file("), ("lora", "load_lora_adapter(model, ")):
+        card = (tmp_path / out / "README.md").read_text()
+        assert "stable-diffusion" not in card and "load_lora_weights" not in card
+        assert "orw_diffusers.digits.pixel:pixel_mlp" in card and snippet in card
+        assert "pipeline_tag: unconditional-image-generation" in card
+
+
+def test_a_velocity_run_pushes_its_weights_and_a_card_that_loads_them(tmp_path, capsys):
+    from test_hub import FakeApi
+
+    from orw_diffusers import push
+
+    script = _script()
+    assert script.main(_script_argv(tmp_path, "full", num_epochs=1)) == 0
+    api = FakeApi()
+    assert push.main([str(tmp_path / "full"), "--hub_model_id", "me/digits-full"], api=api) == 0
+    uploaded = [c for c in api.calls if c[0] == "upload_folder"][0][4]
+    assert "model.safetensors" in uploaded and "README.md" in uploaded
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert 'load_file(hf_hub_download("me/digits-full", "model.safetensors"))' in card
+    assert "hf_hub_download('me/digits-full', 'model.safetensors')" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

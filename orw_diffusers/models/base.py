@@ -117,3 +117,8 @@ class FlowModel(ABC):
     def lora_usage(self, directory: str) -> str:
         """One line: where ``save_lora_weights`` put the adapter of ``directory`` and how to load it."""
         return f"LoRA weights in {directory}"
+
+    def weights_metadata(self) -> dict[str, str]:
+        """What the saved weights' safetensors metadata says about the model (the model card reads it);
+        {} for a pipeline's denoiser."""
+        return {}

@@ -29,6 +29,9 @@ from .base import Conditioning, FlowModel
 logger = logging.getLogger(__name__)
 
 VELOCITY_LORA_NAME = "lora_adapter.safetensors"
+#: the safetensors metadata keys of a velocity model's saved weights: its kind and its module's class
+WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY = "orw_diffusers_model", "module_class"
+VELOCITY_KIND = "velocity"
 #: the layer types a LoRA adapter goes on by default (peft supports each)
 LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 #: torchcfm's training checkpoints: the keys that hold a model's weights, the preferred first
@@ -190,7 +193,8 @@ class VelocityModel(FlowModel):
 
         os.makedirs(save_directory, exist_ok=True)
         config = json.dumps(metadata, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
-        save_file(state_dict, os.path.join(save_directory, VELOCITY_LORA_NAME), metadata={"lora_config": config})
+        save_file(state_dict, os.path.join(save_directory, VELOCITY_LORA_NAME),
+                  metadata={"lora_config": config, **self.weights_metadata()})  # fmt: skip
 
     def read_lora_weights(self, directory: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -200,6 +204,10 @@ class VelocityModel(FlowModel):
     def lora_usage(self, directory: str) -> str:
         path = os.path.join(directory, VELOCITY_LORA_NAME)
         return f"LoRA adapter: {path} (orw_diffusers.models.velocity.load_lora_adapter(module, {path!r}))"
+
+    def weights_metadata(self) -> dict[str, str]:
+        cls = type(self.module)
+        return {WEIGHTS_KIND_KEY: VELOCITY_KIND, WEIGHTS_MODULE_KEY: f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def load_lora_adapter(module: torch.nn.Module, path: str, merge: bool = True) -> torch.nn.Module:

@@ -27,12 +27,12 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_state_dict(module: torch.nn.Module, directory: str) -> str:
+def save_state_dict(module: torch.nn.Module, directory: str, metadata: dict[str, str] | None = None) -> str:
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FULL_WEIGHTS_NAME)
-    save_file(cpu_state_dict(module), path)
+    save_file(cpu_state_dict(module), path, metadata=metadata or None)
     return path
 
 
@@ -82,7 +82,7 @@ class FullPolicy(Policy):
         load_state_dict(self._copies()[1], os.path.join(directory, SAMPLER_SUBDIR))
 
     def save(self, output_dir: str, model: FlowModel, module: torch.nn.Module) -> str:
-        path = save_state_dict(module, output_dir)
+        path = save_state_dict(module, output_dir, model.weights_metadata())
         return f"fine-tuned weights: {path} (module.load_state_dict(safetensors.torch.load_file({path!r})))"
 
     def export_weights(self, module: torch.nn.Module, sampler: bool = False) -> dict[str, torch.Tensor]:
