@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from bench.common import REPO, run_child_jobs
-from bench.digits_pixel_sweep import (EVEN, GRID_SIDE, W2_LAST_ROUNDS, Hyper, entropy_ln5, fine_tune, markdown_table,
-                                      mean_spread, trainer_config, update_results, write_grid)  # fmt: skip
+from bench.digits_pixel_sweep import (EVEN, GRID_SIDE, W2_LAST_ROUNDS, Hyper, add_hyper_arguments, entropy_ln5, fine_tune,
+                                      markdown_table, mean_spread, trainer_config, update_results, write_grid)  # fmt: skip
 
 BEGIN = "<!-- digits_pixel_cfg: begin (written by python -m bench.digits_pixel_cfg) -->"
 END = "<!-- digits_pixel_cfg: end -->"
@@ -220,8 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help=f"the guided arms' guidance (default {GUIDANCE:g})")
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value, help=f"every run's {name} (default {value})")
+    add_hyper_arguments(parser, defaults)
     parser.add_argument("--num_eval", type=int, default=1000)
     parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
@@ -280,7 +279,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(args.output)))
     settings = (f"{hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}), "
                 f"temperature {hyper.temperature:g}, weight_normalization {hyper.weight_normalization}, the sampler "
-                f"refreshed every {hyper.refresh} round(s), {hyper.num_sampling_steps} Euler steps; evaluation: "
+                f"refreshed every {hyper.refresh} round(s), {hyper.num_sampling_steps} Euler steps, clip_samples "
+                f"{str(hyper.clip_samples).lower()}; evaluation: "
                 f"{args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
     update_results(args.output, lambda discussion: section_markdown(rows, grids, img_rel, command.strip(), settings,
                                                                     discussion),

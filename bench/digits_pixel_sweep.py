@@ -49,6 +49,7 @@ class Hyper:
     refresh: int = 1  # steps_per_epoch: the sampler (the original's last policy) is refreshed every round
     grad_clip: float = 1.0
     num_sampling_steps: int = 20
+    clip_samples: bool = False  # true: rollouts clamped to the data range before they are scored and trained on
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
         "weight_normalization": "uniform" if spec.uniform else hyper.weight_normalization,
         "log_w2_distance": True,
         "num_sampling_steps": hyper.num_sampling_steps,
+        "clip_samples": hyper.clip_samples,
         "sample_log_interval": 0,
         "seed": spec.seed,
     }
@@ -332,6 +334,19 @@ def update_results(path: str, section_of: Any, begin: str = BEGIN, end: str = EN
         f.write(text)
 
 
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
+def add_hyper_arguments(parser: argparse.ArgumentParser, defaults: Hyper) -> None:
+    """One ``--name`` per ``Hyper`` field (booleans as true / false)."""
+    for name, value in asdict(defaults).items():
+        kind = true_or_false if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value, help=f"every run's {name} (default {value})")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     defaults = Hyper()
     parser = argparse.ArgumentParser(prog="python -m bench.digits_pixel_sweep", description=__doc__.split("\n")[0])
@@ -339,8 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--no_control", action="store_true", help="skip the reward-free control")
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value, help=f"every run's {name} (default {value})")
+    add_hyper_arguments(parser, defaults)
     parser.add_argument("--num_eval", type=int, default=1000)
     parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
@@ -410,8 +424,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = (f"{hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}, "
                 f"no warmup, grad clip {hyper.grad_clip:g}), temperature {hyper.temperature:g}, weight_normalization "
                 f"{hyper.weight_normalization}, the sampler refreshed every {hyper.refresh} round(s) "
-                f"(steps_per_epoch), {hyper.num_sampling_steps} Euler steps for rollouts and evaluation; "
-                f"evaluation: {args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
+                f"(steps_per_epoch), {hyper.num_sampling_steps} Euler steps for rollouts and evaluation, clip_samples "
+                f"{str(hyper.clip_samples).lower()}; evaluation: {args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
 
     def section_of(discussion: str) -> str:
         return section_markdown(rows, per_seed_table(results), targets, grids, img_rel, command.strip(), settings, discussion)

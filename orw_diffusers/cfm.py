@@ -172,7 +172,7 @@ class ORWCFMTrainer:
 
         cfg = from_dict(run_config(self.config, self.reward_fn is not None, num_rounds, steps_per_epoch))
         validate(cfg, model_given=True)
-        family = VelocityModel(self.model, cfg.image_shape, cfg.data_range, cfg.null_class)
+        family = VelocityModel(self.model, cfg.image_shape, cfg.data_range, cfg.null_class, cfg.clip_samples)
         reward = None if self.reward_fn is None else image_reward(self.reward_fn, family.sample_shape[0])
         accelerator = build.make_accelerator(cfg, cpu=self.device.type == "cpu")
         if accelerator.device.type != self.device.type:

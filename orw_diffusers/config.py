@@ -64,6 +64,12 @@ class TrainConfig:
         "[low, high]: the pixel range of the model's data (torchcfm's [-1, 1]); rewards see images in [0, 1].",
         factory=lambda: [-1.0, 1.0],
     )
+    clip_samples: bool = _help(
+        "Plain velocity models: clamp each rollout to data_range before it is scored and trained on, so the model "
+        "never learns from samples outside the data's range (at alpha 0 their scale can run away; see "
+        "docs/results.md). Off by default, as in the paper's code.",
+        False,
+    )
     null_class: Optional[int] = _help(
         "Class-conditional models: the label of classifier-free guidance's unconditional branch "
         "(needed for guidance_scale > 1).",

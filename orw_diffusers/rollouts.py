@@ -81,6 +81,7 @@ class Rollouts:
         for start in tqdm(range(0, len(indices), bs), desc="sampling", leave=False, disable=quiet):
             batch_prompts = prompts[start : start + bs]
             record = self.record(batch_prompts, indices[start : start + bs], round_idx)
+            record.latents = self.t.family.finish_rollout(record.latents)
             with torch.no_grad(), self.t.accelerator.autocast():
                 images = self.t.family.decode(record.latents)
             out = self.score(images, batch_prompts)

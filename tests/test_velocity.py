@@ -118,7 +118,41 @@ def _trainer(tmp_path, policy: str, module: torch.nn.Module, **overrides):
                   learning_rate=1e-2, w2_coefficient=1.0, rank=4, policy=policy, report_to="none",
                   sample_log_interval=0, seed=0)  # fmt: skip
     values.update(overrides)
-    return Trainer(TrainConfig(**values), reward_fn=lambda im, p: brightness(im), model=VelocityModel(module))
+    family = VelocityModel(module, clip_samples=values["clip_samples"]) if "clip_samples" in values else VelocityModel(module)
+    return Trainer(TrainConfig(**values), reward_fn=lambda im, p: brightness(im), model=family)
+
+
+class Outwards(torch.nn.Module):
+    """A field that carries every sample far outside the data range [-1, 1]: v = 5 (torchcfm's convention)."""
+
+    in_channels, image_size = 1, 8
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.ones_like(x)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_clip_samples_keeps_what_is_trained_on_inside_the_data_range(tmp_path, clip):
+    trainer = _trainer(tmp_path, "full", Outwards(), clip_samples=clip)
+    rollout = trainer.rollouts.collect([""] * 4, torch.arange(4), round_idx=0)
+    if clip:
+        assert rollout.latents.min() >= -1 and rollout.latents.max() <= 1
+    else:
+        assert rollout.latents.max() > 3  # the paper's code trains on the raw sample
+    torch.testing.assert_close(rollout.images, trainer.family.decode(rollout.latents))  # scored = trained on
+
+
+def test_clip_samples_is_refused_on_a_pipeline(tiny_sd3_path):
+    from conftest import tiny_run_config
+
+    from orw_diffusers.config import TrainConfig, validate
+
+    with pytest.raises(ConfigError, match="clip_samples: only used with model_factory"):
+        validate(TrainConfig(**tiny_run_config(tiny_sd3_path, "/tmp/unused", clip_samples=True)))
 
 
 @pytest.mark.parametrize("policy", ["full", "lora"])

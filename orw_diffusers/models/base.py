@@ -97,6 +97,10 @@ class FlowModel(ABC):
         ``model`` is the denoiser or a copy of it (possibly wrapped by DDP); the model knows its call convention.
         """
 
+    def finish_rollout(self, latents: torch.Tensor) -> torch.Tensor:
+        """A rollout's final sample [B, *latent_shape] as it is scored and trained on (pipelines: unchanged)."""
+        return latents
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images float32 [B, 3, H, W] in [0, 1]."""

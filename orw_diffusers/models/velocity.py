@@ -63,6 +63,7 @@ class VelocityModel(FlowModel):
         sample_shape: Optional[Sequence[int]] = None,
         data_range: Sequence[float] = (-1.0, 1.0),
         null_class: Optional[int] = None,
+        clip_samples: bool = False,
     ):
         shape = tuple(int(s) for s in sample_shape) if sample_shape else sample_shape_of(module)
         if shape is None:
@@ -87,6 +88,7 @@ class VelocityModel(FlowModel):
         self.sample_shape: tuple[int, ...] = shape
         self.data_range = (low, high)
         self.null_class = null_class
+        self.clip_samples = bool(clip_samples)
         self.lora_target_modules = [n for n, m in module.named_modules() if isinstance(m, LORA_LAYER_TYPES)]
 
     @property
@@ -173,6 +175,10 @@ class VelocityModel(FlowModel):
         t = torchcfm_time(sigmas).to(latents.device, dtype)
         v_torchcfm = model(t, latents.to(dtype), **self._kwargs(cond))  # dx/dt, towards the data
         return (-v_torchcfm).to(latents.dtype)  # dx/dsigma = -dx/dt
+
+    def finish_rollout(self, latents: torch.Tensor) -> torch.Tensor:
+        """``clip_samples``: clamp to ``data_range``, so what is trained on is the image the reward scored."""
+        return latents.clamp(*self.data_range) if self.clip_samples else latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         low, high = self.data_range
@@ -303,7 +309,7 @@ def build_velocity_model(cfg: Any) -> VelocityModel:
     if cfg.model_checkpoint:
         logger.info("%s; no optimizer or scheduler state is restored", load_velocity_weights(
             module, cfg.model_checkpoint, cfg.checkpoint_key))  # fmt: skip
-    return VelocityModel(module, cfg.image_shape, cfg.data_range, cfg.null_class)
+    return VelocityModel(module, cfg.image_shape, cfg.data_range, cfg.null_class, cfg.clip_samples)
 
 
 def validate_velocity_config(cfg: Any, model_given: bool = False) -> None:
@@ -317,6 +323,8 @@ def validate_velocity_config(cfg: Any, model_given: bool = False) -> None:
         for key in velocity_keys:
             if getattr(cfg, key) is not None:
                 raise ConfigError(f"{key}: only used with model_factory (a plain velocity model)")
+        if cfg.clip_samples and not model_given:
+            raise ConfigError("clip_samples: only used with model_factory (a pipeline's latents have no range)")
         if not model_given:
             return
     elif ":" not in cfg.model_factory:
