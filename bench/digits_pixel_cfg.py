@@ -277,7 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     img_dir = args.img_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "images")
     grids = write_grids(results, {g: images[: GRID_SIDE**2] for g, images in base_images.items()}, img_dir, work)
     img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(args.output)))
-    settings = (f"{hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}), "
+    policy = "full fine-tuning" if hyper.policy == "full" else f"LoRA rank {hyper.rank}"
+    settings = (f"{policy}, {hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}), "
                 f"temperature {hyper.temperature:g}, weight_normalization {hyper.weight_normalization}, the sampler "
                 f"refreshed every {hyper.refresh} round(s), {hyper.num_sampling_steps} Euler steps, clip_samples "
                 f"{str(hyper.clip_samples).lower()}; evaluation: "

@@ -50,6 +50,8 @@ class Hyper:
     grad_clip: float = 1.0
     num_sampling_steps: int = 20
     clip_samples: bool = False  # true: rollouts clamped to the data range before they are scored and trained on
+    policy: str = "full"  # or "lora": peft adapters on every Linear layer, the reference = adapters disabled
+    rank: int = 8  # policy lora's rank
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
         "log_w2_distance": True,
         "num_sampling_steps": hyper.num_sampling_steps,
         "clip_samples": hyper.clip_samples,
+        "policy": hyper.policy,
+        "rank": hyper.rank,
         "sample_log_interval": 0,
         "seed": spec.seed,
     }
@@ -421,7 +425,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     img_dir = args.img_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "images")
     grids = write_grids(results, base_images[: GRID_SIDE**2], img_dir, work)
     img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(args.output)))
-    settings = (f"{hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}, "
+    policy = "full fine-tuning" if hyper.policy == "full" else f"LoRA rank {hyper.rank}"
+    settings = (f"{policy}, {hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}, "
                 f"no warmup, grad clip {hyper.grad_clip:g}), temperature {hyper.temperature:g}, weight_normalization "
                 f"{hyper.weight_normalization}, the sampler refreshed every {hyper.refresh} round(s) "
                 f"(steps_per_epoch), {hyper.num_sampling_steps} Euler steps for rollouts and evaluation, clip_samples "
