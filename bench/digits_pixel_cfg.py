@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from bench.common import REPO, run_child_jobs
-from bench.digits_pixel_sweep import (EVEN, GRID_SIDE, W2_LAST_ROUNDS, Hyper, add_hyper_arguments, entropy_ln5, fine_tune,
-                                      markdown_table, mean_spread, trainer_config, update_results, write_grid)  # fmt: skip
+from bench.digits_pixel_sweep import (EVEN, GRID_SIDE, W2_LAST_ROUNDS, Hyper, add_run_arguments, entropy_ln5, fine_tune,
+                                      markdown_table, mean_spread, run_jobs, trainer_config, update_results,
+                                      write_grid)  # fmt: skip
 
 BEGIN = "<!-- digits_pixel_cfg: begin (written by python -m bench.digits_pixel_cfg) -->"
 END = "<!-- digits_pixel_cfg: end -->"
@@ -135,22 +135,7 @@ def summary_line(result: dict) -> str:
 
 
 def run_all(runs: list[CfgRunSpec], args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> list[dict]:
-    jobs = []
-    for spec in runs:
-        out_dir = os.path.join(work, spec.name)
-        os.makedirs(out_dir, exist_ok=True)
-        jobs.append({"spec": asdict(spec), "hyper": asdict(hyper), "base": base, "out_dir": out_dir,
-                     "threads": args.threads, "num_eval": args.num_eval, "eval_seed": args.eval_seed})  # fmt: skip
-    if args.jobs == 1:
-        results = []
-        for job in jobs:
-            results.append(run_one(job))
-            print(f"{job['spec']['name']}: {summary_line(results[-1])}", flush=True)
-        return results
-    results = run_child_jobs(jobs, "bench.digits_pixel_cfg", args.jobs, {"OMP_NUM_THREADS": str(args.threads)},
-                             summary_line)  # fmt: skip
-    order = [spec.name for spec in runs]
-    return sorted(results, key=lambda r: order.index(r["spec"]["name"]))
+    return run_jobs(runs, args, hyper, base, work, "bench.digits_pixel_cfg", run_one, summary_line)
 
 
 def table(results: list[dict], base_reports: dict[float, dict]) -> list[list[str]]:
@@ -220,17 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help=f"the guided arms' guidance (default {GUIDANCE:g})")
-    add_hyper_arguments(parser, defaults)
-    parser.add_argument("--num_eval", type=int, default=1000)
-    parser.add_argument("--eval_seed", type=int, default=1234)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
-    parser.add_argument("--base", default=None, help="the class-conditional pixel base (default: the cached one)")
-    parser.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
-    parser.add_argument("--img_dir", default=None, help="default: images/ next to --output")
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
+    add_run_arguments(parser, defaults, "the class-conditional pixel base (default: the cached one)")
     args = parser.parse_args(argv)
     if args.guidance <= 1:
         parser.error(f"--guidance: {args.guidance:g} must be > 1 (guidance 1 is always run)")

@@ -139,26 +139,32 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def job_for(spec: RunSpec, args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> dict[str, Any]:
+def job_for(spec: Any, args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> dict[str, Any]:
+    """The job file of one run (``spec``: a dataclass with a ``name``)."""
     out_dir = os.path.join(work, spec.name)
     os.makedirs(out_dir, exist_ok=True)
     return {"spec": asdict(spec), "hyper": asdict(hyper), "base": base, "out_dir": out_dir, "threads": args.threads,
             "num_eval": args.num_eval, "eval_seed": args.eval_seed}  # fmt: skip
 
 
-def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> list[dict]:
-    """``--jobs 1``: in this process, one after another; more: that many child processes at a time."""
-    results = []
-    if args.jobs == 1:
-        for spec in runs:
-            results.append(run_one(job_for(spec, args, hyper, base, work)))
-            print(f"{spec.name}: {summary_line(results[-1])}", flush=True)
-        return results
+def run_jobs(runs: list[Any], args: argparse.Namespace, hyper: Hyper, base: str, work: str, module: str,
+             run: Any, summary: Any) -> list[dict]:  # fmt: skip
+    """``--jobs 1``: ``run(job)`` in this process, one after another; more: ``python -m module --one job``
+    in that many child processes at a time. Results in the order of ``runs``."""
     jobs = [job_for(spec, args, hyper, base, work) for spec in runs]
-    results = run_child_jobs(jobs, "bench.digits_pixel_sweep", args.jobs, {"OMP_NUM_THREADS": str(args.threads)},
-                             summary_line)  # fmt: skip
+    if args.jobs == 1:
+        results = []
+        for job in jobs:
+            results.append(run(job))
+            print(f"{job['spec']['name']}: {summary(results[-1])}", flush=True)
+        return results
+    results = run_child_jobs(jobs, module, args.jobs, {"OMP_NUM_THREADS": str(args.threads)}, summary)
     order = [spec.name for spec in runs]
     return sorted(results, key=lambda r: order.index(r["spec"]["name"]))
+
+
+def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> list[dict]:
+    return run_jobs(runs, args, hyper, base, work, "bench.digits_pixel_sweep", run_one, summary_line)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,11 +350,22 @@ def true_or_false(text: str) -> bool:
     return text.lower() == "true"
 
 
-def add_hyper_arguments(parser: argparse.ArgumentParser, defaults: Hyper) -> None:
-    """One ``--name`` per ``Hyper`` field (booleans as true / false)."""
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: Hyper, base_help: str) -> None:
+    """The options both pixel sweeps take: one ``--name`` per ``Hyper`` field (booleans as true / false),
+    the evaluation, the processes, and where the base, the runs and the report are."""
     for name, value in asdict(defaults).items():
         kind = true_or_false if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, help=f"every run's {name} (default {value})")
+    parser.add_argument("--num_eval", type=int, default=1000)
+    parser.add_argument("--eval_seed", type=int, default=1234)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
+    parser.add_argument("--base", default=None, help=base_help)
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
+    parser.add_argument("--img_dir", default=None, help="default: images/ next to --output")
+    parser.add_argument("--json", default=None, help="also write the table and headline results as JSON here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -358,19 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--no_control", action="store_true", help="skip the reward-free control")
-    add_hyper_arguments(parser, defaults)
-    parser.add_argument("--num_eval", type=int, default=1000)
-    parser.add_argument("--eval_seed", type=int, default=1234)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
-    parser.add_argument("--base", default=None, help="the pixel base (default: the cached one, built if missing)")
-    parser.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
-    parser.add_argument("--img_dir", default=None, help="default: images/ next to --output")
-    parser.add_argument("--json", default=None, help="also write the table and headline results as JSON here")
+    add_run_arguments(parser, defaults, "the pixel base (default: the cached one, built if missing)")
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite the section and grids from --work_dir's sweep_results.json, training nothing")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
     if args.report_only and not args.work_dir:
         parser.error("--report_only needs --work_dir (the folder holding sweep_results.json)")

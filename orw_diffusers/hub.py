@@ -64,6 +64,10 @@ class SavedWeights:
     module_class: Optional[str] = None  # a velocity model's class, e.g. torchcfm.models.unet.unet.UNetModelWrapper
 
 
+#: a pipeline's LoRA: what a run's card describes when its output_dir holds no weights yet
+PIPELINE_LORA = SavedWeights(LORA_WEIGHTS_NAME, velocity=False, lora=True)
+
+
 def saved_weights(output_dir: str) -> Optional[SavedWeights]:
     """The run's weights in ``output_dir`` (the first of ``WEIGHT_FILES`` present), or None."""
     from safetensors import safe_open
@@ -111,7 +115,7 @@ class RunSummary:
     #: ``license`` (and ``license_name`` / ``license_link``) from the base model's card; {} when unknown
     license: dict[str, str] = field(default_factory=dict)
     family_tags: list[str] = field(default_factory=list)
-    weights: SavedWeights = SavedWeights(LORA_WEIGHTS_NAME, velocity=False, lora=True)
+    weights: SavedWeights = PIPELINE_LORA
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -205,7 +209,7 @@ def summarize_run(output_dir: str) -> RunSummary:
     rows = read_metrics(output_dir)
     last = rows[-1] if rows else {}
     prompts = config.get("validation_prompts") or config.get("prompts") or []
-    weights = saved_weights(output_dir) or SavedWeights(LORA_WEIGHTS_NAME, velocity=False, lora=True)
+    weights = saved_weights(output_dir) or PIPELINE_LORA
     if weights.velocity:  # not a pipeline: pretrained_model_name_or_path was not read
         base = str(config.get("model_factory") or weights.module_class or "a velocity model")
     else:
