@@ -123,8 +123,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
     # --- the objective ---------------------------------------------------------------------
     objective: str = _help(
-        "The training objective: 'orw_cfm_w2' (online reward-weighted CFM with W2 regularisation) or 'flow_grpo' "
-        "(SDE rollouts, group-relative advantages, clipped ratio + KL). A key of another objective is an error.",
+        "The training objective: 'orw_cfm_w2' (online reward-weighted CFM with W2 regularisation), 'flow_grpo' "
+        "(SDE rollouts, group-relative advantages, clipped ratio + KL) or 'diffusion_nft' (ODE rollouts, "
+        "advantages as optimality probabilities, the positive/negative implicit-policy loss on the forward path). "
+        "A key of another objective is an error.",
         "orw_cfm_w2",
     )
     # --- ORW-CFM-W2 (objective: orw_cfm_w2) --------------------------------------------------
@@ -160,16 +162,50 @@ class TrainConfig:
         "[low, high]: the steps the SDE window may cover. Default: the first half of the trajectory.", None
     )
     global_std: bool = _help(
-        "Advantages (r - group mean) / std with the std of the whole batch (true) or of the prompt's group.", True
+        "Advantages (r - group mean) / std with the std of the whole batch (true) or of the prompt's group "
+        "(flow_grpo and diffusion_nft).",
+        True,
     )
-    adv_clip_max: float = _help("Advantages are clipped to +-adv_clip_max.", 5.0)
+    adv_clip_max: float = _help(
+        "Advantages are clipped to +-adv_clip_max (flow_grpo and diffusion_nft; diffusion_nft maps the clipped "
+        "advantage to r = A / (2 adv_clip_max) + 0.5).",
+        5.0,
+    )
     clip_range: float = _help("epsilon of the clipped ratio clip(rho, 1 - epsilon, 1 + epsilon).", 1e-4)
-    kl_beta: float = _help(
-        "Weight of the KL of each trained step's transition to the adapter-free reference's. 0: no reference pass.",
-        0.04,
+    kl_beta: Optional[float] = _help(
+        "Weight of the KL to the adapter-free reference (flow_grpo: of each trained step's transition; "
+        "diffusion_nft: mean ||v_theta - v_ref||^2). 0: no reference pass. Default (null): the objective's, "
+        "0.04 for flow_grpo, 1e-4 for diffusion_nft.",
+        None,
     )
+    # --- DiffusionNFT (objective: diffusion_nft; shares kl_beta, adv_clip_max, global_std) ------
+    nft_beta: float = _help(
+        "beta: the implicit policies v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta "
+        "(v_old: the sampler's velocity); smaller keeps each update closer to the sampler (a trust region).",
+        1.0,
+    )
+    nft_loss_space: str = _help(
+        "'x0' (the authors' code: ||x0_hat - x0||^2 of each implicit policy over its own sg(mean |x0_hat - x0|)) or "
+        "'velocity' (the paper's ||v_implicit - (eps - x0)||^2, unnormalised).",
+        "x0",
+    )
+    nft_timestep_fraction: float = _help(
+        "Trained timesteps per sample and round: int(num_sampling_steps * fraction) (at least 1) of the rollout's "
+        "grid, in a random order per sample, each with fresh noise (a forward-backward each).",
+        0.99,
+    )
+    sampler_decay_rate: float = _help(
+        "After each round the sampler (the old policy) moves towards the trained one: sampler <- eta sampler + "
+        "(1 - eta) trained, eta = min(sampler_decay_rate * (steps - sampler_decay_start), sampler_decay_max) over "
+        "the optimizer steps done (0 before sampler_decay_start). 0: a hard copy every round.",
+        0.001,
+    )
+    sampler_decay_max: float = _help("The largest eta of the sampler's soft update, in [0, 1).", 0.5)
+    sampler_decay_start: int = _help("Optimizer steps before the sampler's soft update keeps any of the old.", 0)
     # --- rollouts and optimisation (every objective) ------------------------------------------
-    sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
+    sampler_update_interval: int = _help(
+        "Copy the trained weights into the sampler every N rounds (diffusion_nft: soft-update it every N rounds).", 1
+    )
     num_sampling_steps: int = _help(
         "ODE steps when sampling a round's images. Too few feed the solver's error back into training.",
         20,
@@ -260,6 +296,15 @@ class TrainConfig:
         "Create the Hub repo as private (if it does not exist yet). diffusers' hub_private_repo is read as this key.",
         False,
     )
+
+    def __post_init__(self) -> None:
+        # A shared key left null takes the chosen objective's default (an unknown objective is validate's error).
+        from .objectives import OBJECTIVES
+
+        chosen = OBJECTIVES.get(self.objective)
+        for key, value in (chosen.key_defaults.items() if chosen else ()):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -111,6 +111,25 @@ def copy_adapter(transformer: torch.nn.Module, source: str = TRAINED, target: st
         )
 
 
+@torch.no_grad()
+def blend_adapter(transformer: torch.nn.Module, eta: float, source: str = TRAINED, target: str = SAMPLER) -> None:
+    """``target <- eta * target + (1 - eta) * source``, weight by weight (eta 0: a copy; 1: ``target`` kept).
+
+    Through peft's public API, as ``copy_adapter``: both adapters' ``get_peft_model_state_dict``, blended
+    with ``torch.lerp`` (exact at both ends), loaded into ``target`` with ``set_peft_model_state_dict``.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"blend_adapter: eta {eta!r} must be in [0, 1]")
+    new = get_peft_model_state_dict(transformer, adapter_name=source, save_embedding_layers=False)
+    old = get_peft_model_state_dict(transformer, adapter_name=target, save_embedding_layers=False)
+    if new.keys() != old.keys():
+        raise RuntimeError(f"adapter {source!r} does not fit adapter {target!r}")
+    blended = {k: torch.lerp(new[k], old[k].to(new[k].dtype), eta).to(old[k].dtype) for k in new}
+    set_peft_model_state_dict(transformer, blended, adapter_name=target)
+
+
 @contextlib.contextmanager
 def reference(transformer: torch.nn.Module) -> Iterator[None]:
     """The base model: every adapter disabled, no grad. Re-enables the adapters on exit.

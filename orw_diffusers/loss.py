@@ -135,3 +135,98 @@ def clipped_ratio_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(unclipped, clipped), ratio
+
+
+# --- DiffusionNFT ------------------------------------------------------------------------------
+NFT_LOSS_SPACES = ("x0", "velocity")
+
+
+def optimality_probability(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """DiffusionNFT's r = clip(A, -c, c) / (2c) + 0.5 in [0, 1]: the probability that a sample is "optimal".
+
+    advantages: [B]. Zheng et al. 2025, section 3 (the optimality probability r from the clipped, normalised advantage); their train_nft_sd3.py
+    ("normalize advantage": (clip(A, -c, c) / c) / 2 + 0.5, clamped to [0, 1]).
+    """
+    return (advantages.float().clamp(-clip, clip) / (2.0 * clip) + 0.5).clamp(0.0, 1.0)
+
+
+@dataclass
+class NFTLossOutput:
+    """The DiffusionNFT loss of a micro-batch at one timestep and its parts (scalars, on device)."""
+
+    loss: torch.Tensor  # policy_loss + kl_beta * kl
+    policy_loss: torch.Tensor  # scale * mean_i [r_i term+_i + (1 - r_i) term-_i] / beta
+    positive_loss: torch.Tensor  # mean_i term+_i
+    negative_loss: torch.Tensor  # mean_i term-_i
+    kl: torch.Tensor  # mean_i ||v_theta - v_ref||^2 (per-element mean); 0 without v_ref
+    old_gap: torch.Tensor  # mean ||v_theta - v_old||^2 (per-element): how far the trained policy is from the sampler
+
+
+def _nft_term(v_implicit: torch.Tensor, x_t: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, space: str):
+    """One implicit policy's per-sample loss [B].
+
+    ``x0``: ||x0hat - x0||^2 / sg(mean |x0hat - x0|), x0hat = x_t - t v (per-element means; the divisor floored
+    at 1e-5, computed in float64): their train_nft_sd3.py's "adaptive weighting".
+    ``velocity``: ||v - (eps - x0)||^2, the paper's velocity-space form, without the adaptive weight.
+    """
+    dims = tuple(range(1, latents.ndim))
+    if space == "velocity":
+        v_target = (x_t - latents) / sigmas.reshape(-1, *([1] * len(dims)))  # = eps - x0 on the straight path
+        return ((v_implicit - v_target) ** 2).mean(dim=dims)
+    t = sigmas.reshape(-1, *([1] * len(dims)))
+    error = x_t - t * v_implicit - latents
+    with torch.no_grad():
+        scale = error.detach().double().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+    return (error**2 / scale).mean(dim=dims).float()
+
+
+def diffusion_nft_loss(
+    v_pred: torch.Tensor,
+    v_old: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    latents: torch.Tensor,
+    x_t: torch.Tensor,
+    sigmas: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    kl_beta: float,
+    scale: float = 1.0,
+    space: str = "x0",
+) -> NFTLossOutput:
+    """DiffusionNFT (Zheng et al. 2025; the x0 form as their train_nft_sd3.py computes it) at one timestep per sample.
+
+    v_pred (the trained policy, with grad), v_old (the sampler's, no grad), v_ref (the reference's, or None),
+    latents (clean x0), x_t = (1 - t) x0 + t eps: [B, ...]; sigmas (t): [B]; r: [B] in [0, 1].
+
+    - implicit policies: v+ = beta v_theta + (1 - beta) sg(v_old), v- = (1 + beta) sg(v_old) - beta v_theta;
+    - policy loss: scale * mean_i [r_i term(v+)_i + (1 - r_i) term(v-)_i] / beta (``_nft_term`` by ``space``);
+      their code takes scale = adv_clip_max, so the gradient at v_theta = v_old is the clipped advantage times
+      the gradient of the x0-matching term, whatever the clip;
+    - plus ``kl_beta * mean ||v_theta - v_ref||^2``; ``v_ref`` may be None only when ``kl_beta == 0``.
+    Computed in float32 whatever the model dtype.
+    """
+    if space not in NFT_LOSS_SPACES:
+        raise ValueError(f"diffusion_nft_loss: space {space!r} is not one of {', '.join(NFT_LOSS_SPACES)}")
+    if not beta > 0:
+        raise ValueError(f"diffusion_nft_loss: beta {beta!r} must be > 0")
+    v_pred, v_old = v_pred.float(), v_old.detach().float()
+    latents, x_t, sigmas = latents.float(), x_t.float(), sigmas.to(v_pred.device, torch.float32)
+    r = r.to(v_pred.device, torch.float32)
+    positive = _nft_term(beta * v_pred + (1.0 - beta) * v_old, x_t, latents, sigmas, space)
+    negative = _nft_term((1.0 + beta) * v_old - beta * v_pred, x_t, latents, sigmas, space)
+    policy_loss = scale * (r * positive + (1.0 - r) * negative).mean() / beta
+    dims = tuple(range(1, v_pred.ndim))
+    if v_ref is None:
+        if kl_beta != 0:
+            raise ValueError("diffusion_nft_loss: v_ref is required when kl_beta > 0")
+        kl = torch.zeros((), device=v_pred.device)
+    else:
+        kl = ((v_pred - v_ref.float()) ** 2).mean(dim=dims).mean()
+    return NFTLossOutput(
+        loss=policy_loss + kl_beta * kl,
+        policy_loss=policy_loss.detach(),
+        positive_loss=positive.detach().mean(),
+        negative_loss=negative.detach().mean(),
+        kl=kl.detach(),
+        old_gap=((v_pred.detach() - v_old) ** 2).mean(),
+    )

@@ -14,3 +14,4 @@ VALIDATION = 3  # validation renders: (seed, 0, VALIDATION, prompt index), the s
 PROMPT_ORDER = 7  # the per-pass permutation of the prompts: (seed, PROMPT_ORDER, pass)
 SDE_NOISE = 4  # Flow-GRPO: the per-step noise of the stochastic steps
 SDE_WINDOW = 5  # Flow-GRPO: where the SDE window sits in a round
+NFT_TIMESTEPS = 8  # DiffusionNFT: each sample's order of the rollout grid's timesteps, per inner epoch

@@ -178,7 +178,11 @@ class Trainer:
             with self.policy.reference(self.unwrapped) as net:
                 return guided_field(family, net, cond, uncond, g, autocast)(latents, sigmas)
 
-        return Fields(policy=policy, reference=reference)
+        def sampler(latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+            with self.policy.sampler(self.unwrapped) as net:
+                return guided_field(family, net, cond, uncond, g, autocast)(latents, sigmas)
+
+        return Fields(policy=policy, reference=reference, sampler=sampler if self.objective.needs_sampler() else None)
 
     # --- phase 1 + 2: sample and reward (rollouts.py) ------------------------------------------
     def rollout(self, round_idx: int) -> Rollout:
@@ -226,12 +230,10 @@ class Trainer:
         stats["grad_norm"] = torch.stack([torch.as_tensor(g, device=self.device).float() for g in grad_norms]).mean()
         return stats
 
-    # --- phase 5: refresh ----------------------------------------------------------------------
-    def refresh_sampler(self, round_idx: int) -> bool:
-        if (round_idx + 1) % self.cfg.sampler_update_interval == 0:
-            self.policy.refresh(self.unwrapped)
-            return True
-        return False
+    # --- phase 5: the sampler follows the trained policy (the objective's way) ---------------------
+    def refresh_sampler(self, round_idx: int) -> dict[str, Any]:
+        steps = (round_idx + 1) * self.sizes.optimizer_steps_per_round  # optimizer steps done after this round
+        return self.objective.follow(self.policy, self.unwrapped, round_idx, steps)
 
     # --- one round -------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict[str, Any]:
@@ -243,8 +245,8 @@ class Trainer:
         group_ids = torch.tensor([self.prompt_ids[p] for p in sample_prompts])
         signal = self.objective.signal(global_rewards, group_ids)  # 3: over the global batch
         stats = self.optimise(rollout, signal.values[rollout.indices].to(self.device), round_idx)  # 4
-        refreshed = self.refresh_sampler(round_idx)  # 5
-        metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, refreshed)  # 6
+        sampler = self.refresh_sampler(round_idx)  # 5
+        metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, sampler)  # 6
         metrics.update(reward_by_prompt(global_rewards, sample_prompts, self.prompt_ids, self.cfg.per_prompt_log_max))
         self.log.sample_grid(round_idx, rollout.images, rollout.prompts, rollout.rewards)
         self.log.sample_rewards(round_idx, sample_prompts, global_rewards, signal.values)
@@ -259,7 +261,7 @@ class Trainer:
         global_rewards: torch.Tensor,
         signal_metrics: dict[str, torch.Tensor],
         stats: dict[str, torch.Tensor],
-        refreshed: bool,
+        sampler: dict[str, Any],
     ) -> dict[str, Any]:
         """The round's scalars, one ``.item()`` each. Collective: every process calls it (the gathers)."""
         metrics: dict[str, Any] = {
@@ -280,7 +282,7 @@ class Trainer:
                 "lr": self.lr_scheduler.get_last_lr()[0],
                 "grad_norm": stats["grad_norm"].item(),
                 "diversity": self.diversity(rollout).item(),
-                "sampler_refreshed": refreshed,
+                **sampler,
                 "samples_seen": (round_idx + 1) * self.sizes.samples_per_round,
             }
         )

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import torch
 
 from ..sampling import VelocityField
+
+if TYPE_CHECKING:
+    from ..policies.base import Policy
 
 
 @dataclass
@@ -52,14 +55,16 @@ class StepLoss:
 
 @dataclass
 class Fields:
-    """The trained velocity field of a micro-batch: the policy's (with grad) and the reference's (no grad).
+    """The trained velocity field of a micro-batch: the policy's (with grad), the reference's (no grad) and,
+    when the objective asks for it (``needs_sampler``), the sampler's (the old policy, no grad).
 
-    Both are the field the sampler integrates (guided or not, as the run trains it), for the
+    All are the field the sampler integrates (guided or not, as the run trains it), for the
     micro-batch's conditioning.
     """
 
     policy: VelocityField
     reference: VelocityField
+    sampler: Optional[VelocityField] = None
 
 
 class Objective(ABC):
@@ -70,6 +75,8 @@ class Objective(ABC):
     config_keys: ClassVar[tuple[str, ...]] = ()
     #: metrics shown on the rounds progress bar, besides the reward
     progress_keys: ClassVar[tuple[str, ...]] = ()
+    #: defaults of shared keys whose default is this objective's own (the config's null means "the objective's")
+    key_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -97,6 +104,21 @@ class Objective(ABC):
     def needs_reference(self) -> bool:
         """Whether ``losses`` calls the reference field (a second forward)."""
         return True
+
+    def needs_sampler(self) -> bool:
+        """Whether ``losses`` calls the sampler's field (``Fields.sampler``, a no-grad forward)."""
+        return False
+
+    def follow(self, policy: "Policy", module: torch.nn.Module, round_idx: int, optimizer_steps: int) -> dict[str, Any]:
+        """Let the sampler follow the trained policy after round ``round_idx`` (``optimizer_steps`` done so far).
+
+        The default: a hard refresh (the sampler becomes a copy) every ``sampler_update_interval`` rounds.
+        Returns the round's sampler metrics.
+        """
+        refreshed = (round_idx + 1) % self.cfg.sampler_update_interval == 0
+        if refreshed:
+            policy.refresh(module)
+        return {"sampler_refreshed": refreshed}
 
     def latents_per_sample(self) -> int:
         """Latent-sized tensors a rollout keeps per sample on the training device (the memory planner's round data)."""

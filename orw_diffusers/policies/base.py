@@ -38,6 +38,13 @@ class Policy(ABC):
         """Copy the trained weights into the sampler."""
 
     @abstractmethod
+    def soft_update(self, module: torch.nn.Module, eta: float) -> None:
+        """Move the sampler towards the trained weights: ``sampler <- eta * sampler + (1 - eta) * trained``.
+
+        eta = 0 is ``refresh``; eta = 1 keeps the sampler as it is.
+        """
+
+    @abstractmethod
     def save_checkpoint(self, directory: str, model: FlowModel, module: torch.nn.Module) -> None:
         """Write the trained and the sampler weights into a checkpoint directory (main process)."""
 

@@ -73,6 +73,16 @@ class FullPolicy(Policy):
     def refresh(self, module: torch.nn.Module) -> None:
         self._copies()[1].load_state_dict(module.state_dict())
 
+    @torch.no_grad()
+    def soft_update(self, module: torch.nn.Module, eta: float) -> None:
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"soft_update: eta {eta!r} must be in [0, 1]")
+        trained = module.state_dict()
+        for key, old in self._copies()[1].state_dict().items():
+            new = trained[key].to(old.dtype)
+            # torch.lerp is exact at both ends: eta 0 copies, eta 1 keeps; buffers that are not floats are copied
+            old.copy_(torch.lerp(new, old, eta) if old.is_floating_point() else new)
+
     def save_checkpoint(self, directory: str, model: FlowModel, module: torch.nn.Module) -> None:
         save_state_dict(module, directory)
         save_state_dict(self._copies()[1], os.path.join(directory, SAMPLER_SUBDIR))

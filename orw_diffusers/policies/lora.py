@@ -31,8 +31,14 @@ class LoRAPolicy(Policy):
 
     @contextlib.contextmanager
     def sampler(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        with lora.sampler_adapter(module):
-            yield module
+        # in eval mode, so that lora_dropout never touches the sampler (also when a loss asks for its velocity)
+        was_training = module.training
+        module.eval()
+        try:
+            with lora.sampler_adapter(module):
+                yield module
+        finally:
+            module.train(was_training)
 
     @contextlib.contextmanager
     def reference(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -41,6 +47,9 @@ class LoRAPolicy(Policy):
 
     def refresh(self, module: torch.nn.Module) -> None:
         lora.copy_adapter(module, lora.TRAINED, lora.SAMPLER)
+
+    def soft_update(self, module: torch.nn.Module, eta: float) -> None:
+        lora.blend_adapter(module, eta, lora.TRAINED, lora.SAMPLER)
 
     def _save_adapter(self, directory: str, model: FlowModel, module: torch.nn.Module, adapter: str) -> None:
         model.save_lora_weights(directory, lora.export_adapter(module, adapter), lora.adapter_metadata(module, adapter))

@@ -1,0 +1,133 @@
+"""DiffusionNFT (Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process"):
+deterministic ODE rollouts from the old policy (the sampler), advantages mapped to an optimality
+probability r in [0, 1], and the positive/negative implicit-policy loss on the forward path at the
+rollout grid's timesteps; after each round the sampler follows the trained policy by a soft update.
+
+Each piece follows the authors' public code (NVlabs/DiffusionNFT, ``scripts/train_nft_sd3.py`` and
+``config/nft.py``, ``config/base.py``), named where it is used; the math is in ``loss.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+
+from .. import streams
+from ..errors import ConfigError
+from ..flow import interpolate, per_sample_noise, sample_generator
+from ..loss import NFT_LOSS_SPACES, diffusion_nft_loss, group_advantages, optimality_probability
+from ..sampling import VelocityField, integrate
+from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
+
+
+class DiffusionNFT(Objective):
+    name = "diffusion_nft"
+    title = "DiffusionNFT"
+    config_keys = (
+        "nft_beta", "nft_loss_space", "nft_timestep_fraction", "sampler_decay_rate", "sampler_decay_max",
+        "sampler_decay_start", "kl_beta", "adv_clip_max", "global_std",
+    )  # fmt: skip
+    progress_keys = ("kl",)
+    # config/base.py: train.beta = 1e-4 (the KL weight; their config.beta = 1 is our nft_beta)
+    key_defaults = {"kl_beta": 1e-4}
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if not (math.isfinite(cfg.nft_beta) and cfg.nft_beta > 0):
+            raise ConfigError(f"nft_beta: {cfg.nft_beta!r} must be > 0")
+        if cfg.nft_loss_space not in NFT_LOSS_SPACES:
+            raise ConfigError(f"nft_loss_space: {cfg.nft_loss_space!r} is not one of {', '.join(NFT_LOSS_SPACES)}")
+        if not 0 < cfg.nft_timestep_fraction <= 1:
+            raise ConfigError(f"nft_timestep_fraction: {cfg.nft_timestep_fraction!r} must be in (0, 1]")
+        if not (math.isfinite(cfg.sampler_decay_rate) and cfg.sampler_decay_rate >= 0):
+            raise ConfigError(f"sampler_decay_rate: {cfg.sampler_decay_rate!r} must be >= 0 (0: a hard copy)")
+        if not 0 <= cfg.sampler_decay_max < 1:
+            raise ConfigError(f"sampler_decay_max: {cfg.sampler_decay_max!r} must be in [0, 1) (1 never updates)")
+        if cfg.sampler_decay_start < 0:
+            raise ConfigError(f"sampler_decay_start: {cfg.sampler_decay_start!r} must be >= 0")
+        if cfg.kl_beta is None or not (math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0):
+            raise ConfigError(f"kl_beta: {cfg.kl_beta!r} must be >= 0 (0 drops the KL term and its reference pass)")
+        if not (math.isfinite(cfg.adv_clip_max) and cfg.adv_clip_max > 0):
+            raise ConfigError(f"adv_clip_max: {cfg.adv_clip_max!r} must be > 0")
+
+    def num_timesteps(self) -> int:
+        """Trained timesteps per sample: their ``int(sample.num_steps * train.timestep_fraction)``, at least 1."""
+        return max(1, int(self.cfg.num_sampling_steps * self.cfg.nft_timestep_fraction))
+
+    def rollout(
+        self, field_fn: VelocityField, noise: torch.Tensor, sigmas: torch.Tensor, solver: str,
+        indices: torch.Tensor, round_idx: int,
+    ) -> RolloutRecord:  # fmt: skip
+        # A deterministic ODE rollout (their sample.deterministic = True); training needs x0 and the grid's timesteps.
+        latents = integrate(field_fn, noise, sigmas, solver)
+        grid = sigmas[:-1].detach().float().cpu().expand(len(noise), -1).contiguous()  # [n, N], t = 0 excluded
+        return RolloutRecord(latents=latents, extras={"grid": grid})
+
+    def signal(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> Signal:
+        # Their PerPromptStatTracker: (r - group mean) / (std + 1e-4), global std by default; a group without
+        # spread gets A = 0 (r = 0.5) and stays in the batch (their code filters nothing).
+        advantages, keep = group_advantages(rewards, group_ids, self.cfg.global_std, self.cfg.adv_clip_max)
+        r = optimality_probability(advantages, self.cfg.adv_clip_max)
+        metrics = {
+            "adv_abs_mean": advantages.abs().mean(), "r_mean": r.mean(),
+            "zero_std_fraction": 1 - keep.float().mean(),
+        }  # fmt: skip
+        return Signal(r, metrics)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_beta > 0
+
+    def needs_sampler(self) -> bool:
+        return True
+
+    def sampler_decay(self, optimizer_steps: int) -> float:
+        """eta after ``optimizer_steps`` steps: their ``return_decay`` (decay_type 1: min(0.001 step, 0.5))."""
+        cfg = self.cfg
+        if optimizer_steps < cfg.sampler_decay_start:
+            return 0.0
+        return min(cfg.sampler_decay_rate * (optimizer_steps - cfg.sampler_decay_start), cfg.sampler_decay_max)
+
+    def follow(self, policy: Any, module: torch.nn.Module, round_idx: int, optimizer_steps: int) -> dict[str, Any]:
+        """theta_old <- eta theta_old + (1 - eta) theta after the round (their train_nft_sd3.py, end of an epoch)."""
+        if (round_idx + 1) % self.cfg.sampler_update_interval:
+            return {"sampler_refreshed": False}
+        eta = self.sampler_decay(optimizer_steps)
+        policy.soft_update(module, eta)
+        return {"sampler_refreshed": True, "sampler_decay": eta}
+
+    def timestep_order(self, batch: MicroBatch, num_grid: int) -> torch.Tensor:
+        """Each sample's permutation of the grid's indices, [b, num_grid] (their per-sample ``randperm``)."""
+        keys = (batch.seed, batch.round_idx, streams.NFT_TIMESTEPS, batch.inner_epoch)
+        return torch.stack([torch.randperm(num_grid, generator=sample_generator(*keys, int(i))) for i in batch.indices])
+
+    def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
+        """One loss per trained timestep, each scaled by 1 / K so their gradients sum to the mean (their
+        ``effective_grad_accum_steps`` counts the timesteps)."""
+        cfg, latents = self.cfg, batch.latents
+        if fields.sampler is None:
+            raise RuntimeError("diffusion_nft needs the sampler's field (Fields.sampler)")
+        grid = batch.extras["grid"]  # [b, N]
+        order = self.timestep_order(batch, grid.shape[1])
+        num_steps = min(self.num_timesteps(), grid.shape[1])
+        shape = tuple(latents.shape[1:])
+        r = batch.signal.float()
+        for k in range(num_steps):
+            sigmas = grid.gather(1, order[:, k : k + 1]).squeeze(1).to(latents.device)  # [b]
+            keys = (batch.round_idx, streams.TRAIN_NOISE, batch.inner_epoch, k)
+            noise = per_sample_noise(shape, batch.seed, keys, batch.indices).to(latents.device, latents.dtype)
+            x_t = interpolate(latents, noise, sigmas)  # (1 - t) x0 + t eps, fresh eps
+            v_old = fields.sampler(x_t, sigmas)
+            v_ref = fields.reference(x_t, sigmas) if self.needs_reference() else None
+            v_pred = fields.policy(x_t, sigmas)
+            # scale = adv_clip_max: their policy_loss = (ori_policy_loss * adv_clip_max).mean()
+            out = diffusion_nft_loss(
+                v_pred, v_old, v_ref, latents, x_t, sigmas, r, cfg.nft_beta, cfg.kl_beta, cfg.adv_clip_max,
+                cfg.nft_loss_space,
+            )  # fmt: skip
+            yield StepLoss(
+                out.loss / num_steps,
+                {"loss": out.loss.detach(), "policy_loss": out.policy_loss, "positive_loss": out.positive_loss,
+                 "negative_loss": out.negative_loss, "kl": out.kl, "old_gap": out.old_gap},
+            )  # fmt: skip
