@@ -90,14 +90,15 @@ def tiny_run_config(model_path: str, output_dir: str, **overrides) -> dict:
     return values
 
 
-def for_objective(values: dict, objective: str, **grpo) -> dict:
-    """``values`` (a run config dict) for ``objective``: Flow-GRPO drops ORW's keys and takes ``grpo``'s."""
-    if objective == "orw_cfm_w2":
-        return values
+def for_objective(values: dict, objective: str, **extra) -> dict:
+    """``values`` (a run config dict) for ``objective``: the keys of the other objectives dropped (from ``values``
+    and ``extra``), then ``extra``'s keys set; e.g. ``sde_window_size=2`` applies to flow_grpo only."""
     from orw_diffusers.objectives import OBJECTIVES
 
-    orw_keys = OBJECTIVES["orw_cfm_w2"].config_keys
-    return {**{k: v for k, v in values.items() if k not in orw_keys}, "objective": objective, **grpo}
+    own = set(OBJECTIVES[objective].config_keys)
+    others = {k for c in OBJECTIVES.values() for k in c.config_keys} - own
+    keep = lambda d: {k: v for k, v in d.items() if k not in others}  # noqa: E731
+    return {**keep(values), "objective": objective, **keep(extra)}
 
 
 # --- helpers of the family tests (test_sd3.py, test_family_contract.py) --------------------------

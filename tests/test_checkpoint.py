@@ -51,7 +51,7 @@ def _assert_same_tensors(a: dict, b: dict):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo"])
+@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo", "diffusion_nft"])
 def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_path, tmp_path, objective):
     reward_file = tmp_path / "hanging_reward.py"
     reward_file.write_text(HANGING_REWARD)

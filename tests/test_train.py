@@ -70,7 +70,7 @@ def _run(cmd, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo"])
+@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo", "diffusion_nft"])
 def test_two_processes_equal_one_process_with_double_batch(pretrained_tiny_sd3_path, tmp_path, objective):
     """accelerate launch with 2 real CPU processes (gloo), batch b each == 1 process with batch 2b, on the
     flow-matched tiny pipeline with guidance 2 and guided training (both CFG branches in the loss)."""
