@@ -29,6 +29,9 @@ from bench.common import REPO, TRAIN_SCRIPT, run_child_jobs
 
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 GRPO_CONFIG = os.path.join(REPO, "configs", "digits_even_grpo.yaml")
+NFT_CONFIG = os.path.join(REPO, "configs", "digits_even_nft.yaml")
+#: each objective's digits config
+CONFIGS = {"orw_cfm_w2": CONFIG, "flow_grpo": GRPO_CONFIG, "diffusion_nft": NFT_CONFIG}
 ODD_DIGITS = [1, 3, 5, 7, 9]
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SAMPLES = 48
@@ -45,7 +48,7 @@ class RunSpec:
     target: str = "even"  # "even" or "odd"
     uniform: bool = False  # the reward-free control
     overrides: dict[str, Any] = field(default_factory=dict)
-    objective: str = "orw_cfm_w2"  # flow_grpo: configs/digits_even_grpo.yaml, and alpha is not used
+    objective: str = "orw_cfm_w2"  # another objective: its config of CONFIGS, and alpha is not used
 
 
 def plan_runs(alphas: list[float], seeds: list[int], control_seeds: list[int], odd_alpha: float) -> list[RunSpec]:
@@ -72,7 +75,7 @@ def train_argv(spec: RunSpec, base: str, out_dir: str, extra: dict[str, Any]) ->
     if spec.uniform:
         values["weight_normalization"] = "uniform"
     values["reward"] = reward_spec(spec.target, base)
-    argv = ["--config", CONFIG if orw else GRPO_CONFIG]
+    argv = ["--config", CONFIGS[spec.objective]]
     for key, value in values.items():
         argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     return argv
@@ -113,8 +116,9 @@ def run_one(job: dict[str, Any]) -> None:
     result = {
         "spec": asdict(spec), "report": report,
         "reward": reward(images, prompts).rewards.mean().item(),
-        # ORW's w2_loss; Flow-GRPO's velocity_gap, the same mean ||v - v_ref||^2 at its SDE trajectory's states
-        "w2_final": statistics.fmean(r["w2_loss"] if "w2_loss" in r else r["velocity_gap"] for r in last),
+        # ORW's w2_loss; Flow-GRPO's velocity_gap, the same mean ||v - v_ref||^2 at its SDE trajectory's states;
+        # DiffusionNFT's kl, the same at its forward-path states
+        "w2_final": statistics.fmean(next(r[k] for k in ("w2_loss", "velocity_gap", "kl") if k in r) for r in last),
         "samples_seen": rows[-1]["samples_seen"], "rounds": len(rows),
         "round_seconds": sum(r["seconds"] for r in rows), "train_seconds": train_seconds,
         "reward_curve": [r["reward_mean"] for r in rows],

@@ -267,6 +267,17 @@ def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path):
     assert orw.latents_per_sample == 1 and orw.reference_pass
 
 
+def test_diffusion_nft_plans_its_sampler_pass(tiny_sd3_path, tiny_planner):
+    from conftest import for_objective
+
+    cfg = TrainConfig(**for_objective(tiny_run_config(tiny_sd3_path, "unused-output-dir"), "diffusion_nft"))
+    s = PlanSettings.from_train_config(cfg)
+    assert s.sampler_pass and s.reference_pass and s.latents_per_sample == 1  # kl_beta 1e-4: a reference pass too
+    assert not _tiny_settings(tiny_sd3_path).sampler_pass
+    with_sampler = tiny_planner.train_step_peak(s, batch=2)
+    assert with_sampler >= tiny_planner.train_step_peak(replace(s, sampler_pass=False), batch=2) > 0
+
+
 def test_the_digits_name_plans_the_cached_base_and_never_builds_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ORW_DIFFUSERS_CACHE", str(tmp_path / "empty-cache"))
     assert memory.main(["--config", os.path.join(REPO, "configs", "digits_even.yaml")]) == 2

@@ -158,6 +158,8 @@ class PlanSettings:
     #: ``cfg_training: guided``: the training pass runs both guidance branches (a doubled batch)
     guided_training: bool = True
     reference_pass: bool = True
+    #: the objective's loss also takes the sampler's velocity (DiffusionNFT's old policy): a no-grad pass
+    sampler_pass: bool = False
     #: latent-sized tensors the objective's rollout keeps per sample (Flow-GRPO: its trajectory's steps)
     latents_per_sample: int = 1
     rewards: tuple[str, ...] = ("clip_score",)
@@ -201,6 +203,7 @@ class PlanSettings:
             guidance_scale=cfg.guidance_scale,
             guided_training=cfg.cfg_training == "guided",
             reference_pass=objective.needs_reference(),
+            sampler_pass=objective.needs_sampler(),
             latents_per_sample=objective.latents_per_sample(),
             rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward)),
             reward_on_gpu=not (cfg.reward_device or "").startswith("cpu"),
@@ -379,6 +382,9 @@ class MemoryPlanner:
                 v_target = target_velocity(latents, noise)
                 cond = self._cond(s, 2 * b if guided else b)  # the micro-batch's rows, moved from the prompt cache
                 v_ref = None
+                if s.sampler_pass:  # the old policy's velocity, no grad, before the policy pass (objectives/nft.py)
+                    with lora.sampler_adapter(model):
+                        velocity(x_t, sigmas, cond)
                 if s.reference_pass:
                     with lora.reference(model):
                         v_ref = velocity(x_t, sigmas, cond)
@@ -396,7 +402,7 @@ class MemoryPlanner:
                 for p in model.parameters():
                     p.grad = None
 
-        key = ("train", self._model_key(s), s.gradient_checkpointing, s.reference_pass, guided)
+        key = ("train", self._model_key(s), s.gradient_checkpointing, s.reference_pass, s.sampler_pass, guided)
         return self._linear(key, batch or s.train_batch_size, trace_at)
 
     def guided_training(self, s: PlanSettings) -> bool:
