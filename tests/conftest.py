@@ -101,6 +101,47 @@ def for_objective(values: dict, objective: str, **extra) -> dict:
     return {**keep(values), "objective": objective, **keep(extra)}
 
 
+def first_micro_batch(trainer, round_idx: int = 0):
+    """(the round's rollout, its first training micro-batch, that micro-batch's fields), as ``Trainer.optimise`` makes them."""
+    from orw_diffusers.objectives.base import MicroBatch, slice_extras
+
+    rollout = trainer.rollout(round_idx)
+    global_rewards = trainer.gather_global(rollout.rewards, rollout.indices)
+    groups = torch.tensor([trainer.prompt_ids[p] for p in trainer.sample_prompts(round_idx)])
+    signal = trainer.objective.signal(global_rewards, groups).values[rollout.indices]
+    bs = trainer.cfg.train_batch_size
+    rows = torch.arange(bs)
+    batch = MicroBatch(round_idx, 0, trainer.cfg.seed, rollout.indices[rows], rollout.latents[rows], signal[rows],
+                       slice_extras(rollout.extras, rows))  # fmt: skip
+    return rollout, batch, trainer.training_fields(rollout.prompts[:bs])
+
+
+def left_bright_gain(values: dict) -> tuple[float, list[float]]:
+    """Train the run config ``values`` with the ``left_bright`` reward (about +-6 on the flow-matched tiny pipeline):
+    (the mean reward of the last 4 rounds minus round 0's, which samples the base; every round's mean reward)."""
+    from orw_diffusers.config import TrainConfig
+    from orw_diffusers.trainer import Trainer
+    from rewards_for_tests import left_bright
+
+    cfg = TrainConfig(**values)
+    trainer = Trainer(cfg, reward_fn=left_bright)
+    rewards = [trainer.run_round(r)["reward_mean"] for r in range(cfg.num_epochs)]
+    return sum(rewards[-4:]) / 4 - rewards[0], rewards
+
+
+def lora_changes_a_plain_sd3_pipeline(model_path: str, lora_dir: str) -> bool:
+    """Whether ``pipe.load_lora_weights(lora_dir)`` on a plain ``StableDiffusion3Pipeline`` changes its images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_path, text_encoder_3=None, tokenizer_3=None)
+    kwargs = dict(prompt="a red cat", num_inference_steps=2, height=16, width=16, output_type="pt",
+                  max_sequence_length=8)  # fmt: skip
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(lora_dir)
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    return bool((after - before).abs().max() > 0)
+
+
 # --- helpers of the family tests (test_sd3.py, test_family_contract.py) --------------------------
 def tiny_trainer(model_path: str, tmp_path, **overrides):
     """A trainer on ``tiny_run_config(model_path, tmp_path / "out", **overrides)`` with the ``darkness`` reward."""

@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import for_objective, tiny_run_config
+from conftest import first_micro_batch, for_objective, left_bright_gain, lora_changes_a_plain_sd3_pipeline, tiny_run_config
 
 from orw_diffusers.config import TrainConfig, from_dict, validate
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.flow import euler_step
 from orw_diffusers.loss import clipped_ratio_loss, group_advantages
-from orw_diffusers.objectives.base import MicroBatch
-from orw_diffusers.objectives.base import slice_extras
 from orw_diffusers.sde import sde_step, window_steps
 from orw_diffusers.trainer import Trainer
 
@@ -128,18 +126,6 @@ def test_config_keys_belong_to_their_objective(tiny_sd3_path, tmp_path):
             validate(from_dict(_grpo_values(tiny_sd3_path, tmp_path, **bad)))
 
 
-def _first_micro_batch(trainer, round_idx=0):
-    rollout = trainer.rollout(round_idx)
-    global_rewards = trainer.gather_global(rollout.rewards, rollout.indices)
-    groups = torch.tensor([trainer.prompt_ids[p] for p in trainer.sample_prompts(round_idx)])
-    signal = trainer.objective.signal(global_rewards, groups).values[rollout.indices]
-    bs = trainer.cfg.train_batch_size
-    rows = torch.arange(bs)
-    batch = MicroBatch(round_idx, 0, trainer.cfg.seed, rollout.indices[rows], rollout.latents[rows], signal[rows],
-                       slice_extras(rollout.extras, rows))  # fmt: skip
-    return rollout, batch, trainer.training_fields(rollout.prompts[:bs])
-
-
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
 def test_the_ratio_is_one_on_the_first_micro_batch_and_kl_zero_for_a_fresh_adapter(tiny_sd3_path, tmp_path, sde_type):
     from rewards_for_tests import darkness
@@ -147,7 +133,7 @@ def test_the_ratio_is_one_on_the_first_micro_batch_and_kl_zero_for_a_fresh_adapt
     cfg = TrainConfig(**_grpo_values(tiny_sd3_path, tmp_path, sde_type=sde_type, sde_window_size=2,
                                      sample_batch_size=4, train_batch_size=4))  # fmt: skip
     trainer = Trainer(cfg, reward_fn=darkness)
-    rollout, batch, fields = _first_micro_batch(trainer)
+    rollout, batch, fields = first_micro_batch(trainer)
     assert rollout.extras["step_latents"].shape[1] == 2  # the window's two steps were recorded
     steps = list(trainer.objective.losses(batch, fields))
     assert len(steps) == 2
@@ -175,31 +161,19 @@ def test_flow_grpo_raises_the_reward_of_a_flow_matched_pipeline(pretrained_tiny_
     """Round 0 samples the base; after a few rounds the reward is well above it (left_bright: about +-6)."""
     from accelerate.state import AcceleratorState
 
-    from rewards_for_tests import left_bright
-
     AcceleratorState._reset_state(True)
-    cfg = TrainConfig(**_grpo_values(
+    gain, rewards = left_bright_gain(_grpo_values(
         pretrained_tiny_sd3_path, tmp_path, num_epochs=12, learning_rate=3e-3, images_per_prompt=8,
         sample_batch_size=8, train_batch_size=8, rank=8, guidance_scale=1.0, num_sampling_steps=8,
         sde_window_size=3, kl_beta=0.0,
     ))  # fmt: skip
-    trainer = Trainer(cfg, reward_fn=left_bright)
-    rewards = [trainer.run_round(r)["reward_mean"] for r in range(cfg.num_epochs)]
-    assert sum(rewards[-4:]) / 4 > rewards[0] + 1.5, rewards
+    assert gain > 1.5, rewards
 
 
 def test_the_saved_lora_loads_into_a_plain_sd3_pipeline(tiny_sd3_path, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-
     from rewards_for_tests import darkness
 
     out = tmp_path / "out"
     cfg = TrainConfig(**_grpo_values(tiny_sd3_path, out, num_epochs=1, sde_window_size=2, learning_rate=1e-2))
     Trainer(cfg, reward_fn=darkness).train()
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    kwargs = dict(prompt="a red cat", num_inference_steps=2, height=16, width=16, output_type="pt",
-                  max_sequence_length=8)  # fmt: skip
-    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    pipe.load_lora_weights(str(out))
-    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    assert (after - before).abs().max() > 0  # the trained adapter is not zero and diffusers applies it
+    assert lora_changes_a_plain_sd3_pipeline(tiny_sd3_path, str(out))  # the adapter is not zero and diffusers applies it

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import for_objective, tiny_run_config
+from conftest import first_micro_batch, for_objective, left_bright_gain, lora_changes_a_plain_sd3_pipeline, tiny_run_config
 
 from orw_diffusers.config import TrainConfig, from_dict, validate
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.flow import interpolate, target_velocity
 from orw_diffusers.loss import diffusion_nft_loss, optimality_probability
-from orw_diffusers.objectives.base import MicroBatch, slice_extras
 from orw_diffusers.policies import FullPolicy, LoRAPolicy
 from orw_diffusers.trainer import Trainer
 from test_family_contract import tiny_flux_dev_path  # noqa: F401 (fixture)
@@ -212,23 +211,11 @@ def test_bad_values_are_one_line_errors(tiny_sd3_path, tmp_path, bad, match):
 
 
 # --- through the loop -----------------------------------------------------------------------------------------
-def _first_micro_batch(trainer, round_idx=0):
-    rollout = trainer.rollout(round_idx)
-    global_rewards = trainer.gather_global(rollout.rewards, rollout.indices)
-    groups = torch.tensor([trainer.prompt_ids[p] for p in trainer.sample_prompts(round_idx)])
-    signal = trainer.objective.signal(global_rewards, groups).values[rollout.indices]
-    bs = trainer.cfg.train_batch_size
-    rows = torch.arange(bs)
-    batch = MicroBatch(round_idx, 0, trainer.cfg.seed, rollout.indices[rows], rollout.latents[rows], signal[rows],
-                       slice_extras(rollout.extras, rows))  # fmt: skip
-    return rollout, batch, trainer.training_fields(rollout.prompts[:bs])
-
-
 def test_a_fresh_adapter_with_a_refreshed_sampler_gives_v_plus_equal_v_minus_equal_v_old(tiny_sd3_path, tmp_path):
     from rewards_for_tests import darkness
 
     trainer = Trainer(TrainConfig(**_nft_values(tiny_sd3_path, tmp_path, num_sampling_steps=4)), reward_fn=darkness)
-    rollout, batch, fields = _first_micro_batch(trainer)
+    rollout, batch, fields = first_micro_batch(trainer)
     assert rollout.extras["grid"].shape == (8, 4)
     assert 0.0 < batch.signal.min() and batch.signal.max() < 1.0
     x, sigmas = torch.randn(4, *trainer.latent_shape), torch.tensor([0.9, 0.7, 0.5, 0.3])
@@ -294,28 +281,16 @@ def test_a_round_runs_on_flux_dev(tiny_flux_dev_path, tmp_path):
 
 def test_nft_raises_the_reward_of_a_flow_matched_pipeline(pretrained_tiny_sd3_path, tmp_path):
     """Round 0 samples the base; after a few rounds the reward is well above it (left_bright: about +-6)."""
-    from rewards_for_tests import left_bright
-
-    cfg = TrainConfig(**_nft_values(
+    gain, rewards = left_bright_gain(_nft_values(
         pretrained_tiny_sd3_path, tmp_path, num_epochs=12, learning_rate=3e-3, images_per_prompt=8,
         sample_batch_size=8, train_batch_size=8, rank=8, guidance_scale=1.0, num_sampling_steps=4,
     ))  # fmt: skip
-    trainer = Trainer(cfg, reward_fn=left_bright)
-    rewards = [trainer.run_round(r)["reward_mean"] for r in range(cfg.num_epochs)]
-    assert sum(rewards[-4:]) / 4 > rewards[0] + 1.5, rewards
+    assert gain > 1.5, rewards
 
 
 def test_the_saved_lora_loads_into_a_plain_sd3_pipeline(tiny_sd3_path, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-
     from rewards_for_tests import darkness
 
     out = tmp_path / "out"
     Trainer(TrainConfig(**_nft_values(tiny_sd3_path, out, num_epochs=1, learning_rate=1e-2)), reward_fn=darkness).train()
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    kwargs = dict(prompt="a red cat", num_inference_steps=2, height=16, width=16, output_type="pt",
-                  max_sequence_length=8)  # fmt: skip
-    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    pipe.load_lora_weights(str(out))
-    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    assert (after - before).abs().max() > 0  # the trained adapter is not zero and diffusers applies it
+    assert lora_changes_a_plain_sd3_pipeline(tiny_sd3_path, str(out))  # the adapter is not zero and diffusers applies it
