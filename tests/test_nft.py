@@ -69,9 +69,9 @@ def test_the_loss_by_hand():
 
 @pytest.mark.parametrize("space", ["x0", "velocity"])
 def test_beta_to_zero_the_gradient_is_the_signed_advantage_times_the_matching_gradient(space):
-    """beta -> 0: grad_v L -> scale * (1 - 2r) * 2 t (x0hat_old - x0) / (D w_old) per sample (x0 form; B = 1 per row
-    of the mean), whatever v_theta: the signed, advantage-weighted x0 matching at the sampler's prediction.
-    The loss itself diverges as 1 / beta, by a constant in v_theta."""
+    """beta -> 0: grad_v L -> scale (1 - 2 r_i) 2 t_i (x0hat_old - x0) / (B D w_old) (x0 form; velocity form:
+    scale (1 - 2 r_i) 2 (u - v_old) / (B D)), whatever v_theta: signed, advantage-weighted matching at the
+    sampler's prediction. The loss itself diverges as 1 / beta, by a constant in v_theta."""
     x0, eps, t, x_t, v_old, _ = _state()
     r = torch.tensor([1.0, 0.25, 0.5])
     b, d = x0.shape[0], x0[0].numel()
@@ -85,11 +85,26 @@ def test_beta_to_zero_the_gradient_is_the_signed_advantage_times_the_matching_gr
     for beta, tol in ((1e-2, 5e-2), (1e-4, 1e-3)):
         grad = _grad(beta, r, space, scale=5.0)
         assert (grad - limit).abs().max() / limit.abs().max() < tol, beta
-    assert torch.all(_grad(1e-4, r, space)[2] .abs() < 1e-3)  # r = 0.5: no pull at all in the limit
+    assert torch.all(_grad(1e-4, r, space)[2].abs() < 1e-3)  # r = 0.5: no pull at all in the limit
     # the divergent part: L * beta tends to scale * mean(term(v_old)), the same for every v_theta
     x0, eps, t, x_t, v_old, v_theta = _state()
     losses = [diffusion_nft_loss(v, v_old, None, x0, x_t, t, r, 1e-6, 0.0, 1.0, space).loss * 1e-6 for v in (v_theta, v_old)]
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_at_v_theta_equal_v_old_the_gradient_is_the_signed_advantage_weighted_matching_gradient(beta):
+    """v_theta = v_old (a refreshed sampler): the gradient is scale (1 - 2r) = -A_clip (scale = c) times the
+    gradient of the x0-matching term at v_old, the same for every beta."""
+    x0, eps, t, x_t, v_old, _ = _state(2)
+    r = torch.tensor([0.9, 0.3, 0.5])
+    v = v_old.clone().requires_grad_(True)
+    diffusion_nft_loss(v, v_old, None, x0, x_t, t, r, beta, 0.0, 5.0).loss.backward()
+    tt = t.view(-1, 1, 1, 1)
+    error = x_t - tt * v_old - x0
+    w = error.abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = 5.0 * (1 - 2 * r).view(-1, 1, 1, 1) * 2 * tt * error / (x0[0].numel() * w) / 3
+    torch.testing.assert_close(v.grad, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_r_one_at_beta_one_is_flow_matching_towards_the_samples():
