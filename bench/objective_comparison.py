@@ -2,6 +2,7 @@
 
     python -m bench.objective_comparison --seeds 0 1 2      # 2 objectives x 2 rewards x 3 seeds (~1 h on 2 cores)
     python -m bench.objective_comparison --quick            # plumbing only: the mini base, 2 rounds per run
+    python -m bench.objective_comparison --objectives flow_grpo   # one objective's rows
 
 ORW runs ``configs/digits_even.yaml`` and Flow-GRPO ``configs/digits_even_grpo.yaml`` (150 rounds of 32
 samples each), through the real training script, one fresh process per run (``bench.digits_alpha_sweep``'s
@@ -61,6 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the mini base, 2 rounds per run, 16 eval samples")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--level", type=float, default=0.9, help="reward level for the queries column")
     parser.add_argument("--num_eval", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=1234)
@@ -90,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = base or digits.ensure_digits_base()
     runs = [
         RunSpec(f"{objective}-{target}-s{seed}", objective, 0.1, seed, target=target, objective=objective)
-        for seed in args.seeds for target in args.targets for objective in OBJECTIVES
+        for seed in args.seeds for target in args.targets for objective in args.objectives
     ]  # fmt: skip
     results = run_all(runs, args, base, work, extra)
     pipe = digits.load_digits_pipeline(base)

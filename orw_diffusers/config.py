@@ -168,6 +168,12 @@ class TrainConfig:
         "Weight of the KL of each trained step's transition to the adapter-free reference's. 0: no reference pass.",
         0.04,
     )
+    kl_type: str = _help(
+        "The KL's scale: 'flow_grpo' (mean squared gap of the two transition means over 2 (a sqrt(sigma/(1-sigma)))^2, "
+        "as Flow-GRPO's code, so its kl_beta values carry over) or 'exact' (over 2 std^2, the KL of the two Gaussian "
+        "steps: larger by 1 / (sigma - sigma_next) with sde_type: sde; the same with cps).",
+        "flow_grpo",
+    )
     # --- rollouts and optimisation (every objective) ------------------------------------------
     sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
     num_sampling_steps: int = _help(
