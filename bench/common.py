@@ -179,7 +179,9 @@ class FixedRound:
     weights: torch.Tensor  # [n] ones
 
     def optimise(self) -> dict[str, torch.Tensor]:
-        return self.trainer.optimise(self.rollout, self.weights, 0)
+        from orw_diffusers.objectives import Signal
+
+        return self.trainer.optimise(self.rollout, Signal(self.weights), 0)
 
 
 @contextlib.contextmanager

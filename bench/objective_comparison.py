@@ -2,6 +2,7 @@
 
     python -m bench.objective_comparison --seeds 0 1 2      # 3 objectives x 2 rewards x 3 seeds (~1.5 h on 2 cores)
     python -m bench.objective_comparison --quick            # plumbing only: the mini base, 2 rounds per run
+    python -m bench.objective_comparison --objectives flow_grpo   # one objective's rows
     python -m bench.objective_comparison --objectives diffusion_nft --targets even   # one objective, one target
 
 ORW runs ``configs/digits_even.yaml``, Flow-GRPO ``configs/digits_even_grpo.yaml`` and DiffusionNFT

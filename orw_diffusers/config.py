@@ -178,6 +178,12 @@ class TrainConfig:
         "0.04 for flow_grpo, 1e-4 for diffusion_nft.",
         None,
     )
+    kl_type: str = _help(
+        "The KL's scale: 'flow_grpo' (mean squared gap of the two transition means over 2 (a sqrt(sigma/(1-sigma)))^2, "
+        "as Flow-GRPO's code, so its kl_beta values carry over) or 'exact' (over 2 std^2, the KL of the two Gaussian "
+        "steps: larger by 1 / (sigma - sigma_next) with sde_type: sde; the same with cps).",
+        "flow_grpo",
+    )
     # --- DiffusionNFT (objective: diffusion_nft; shares kl_beta, adv_clip_max, global_std) ------
     nft_beta: float = _help(
         "beta: the implicit policies v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta "

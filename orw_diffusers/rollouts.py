@@ -32,6 +32,29 @@ class Rollout:
     embeddings: Optional[torch.Tensor] = None  # [n, D] from the reward's ``embed``, if it has one
 
 
+def micro_batch_rows(
+    num_local: int, batch_size: int, keep: Optional[torch.Tensor] = None, process_index: int = 0, num_processes: int = 1
+) -> list[torch.Tensor]:
+    """This process's micro-batches: lists of local rows [<= batch_size] of the round's ``num_local`` samples.
+
+    ``keep`` [B] bool over the global batch (None: every sample): samples outside it are dropped before batching.
+    Local row j is global sample ``process_index + j * num_processes``. Every process gets the same number of
+    micro-batches, so that DDP's gradient reductions pair up: the most any process keeps, in ``batch_size``s. A
+    process that keeps fewer gets a short one, or one masked row in a micro-batch where it has none left (its
+    objective weighs it 0). Nothing kept anywhere: no micro-batch.
+    """
+    if keep is None:
+        return [torch.arange(start, min(start + batch_size, num_local)) for start in range(0, num_local, batch_size)]
+    per_process = keep.reshape(-1, num_processes)  # [num_local, P]: column p is process p's rows
+    count = int(per_process.sum(dim=0).max())
+    kept, dropped = per_process[:, process_index].nonzero()[:, 0], (~per_process[:, process_index]).nonzero()[:, 0]
+    batches = []
+    for start in range(0, count, batch_size):
+        rows = kept[start : start + batch_size]
+        batches.append(rows if len(rows) else dropped[:1])
+    return batches
+
+
 class Rollouts:
     """The sampling side of a ``Trainer`` (``trainer``: its model, policy, objective, reward and sizes)."""
 

@@ -26,11 +26,11 @@ from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
 from .images import mean_pairwise_distance
 from .models import FlowModel
-from .objectives import Fields, MicroBatch, build_objective
+from .objectives import Fields, MicroBatch, Signal, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
 from .prompts import load_prompts
-from .rollouts import Rollout, Rollouts
+from .rollouts import Rollout, Rollouts, micro_batch_rows
 from .run_log import RunLog, quiet_logging, reward_by_prompt
 from .sampling import guided_field
 
@@ -194,24 +194,25 @@ class Trainer:
         return self.rollouts.record(prompts, indices, round_idx).latents
 
     # --- phase 4: optimise ----------------------------------------------------------------------
-    def optimise(self, rollout: Rollout, signal: torch.Tensor, round_idx: int) -> dict[str, torch.Tensor]:
-        """``num_inner_epochs`` passes over the round's samples in micro-batches. signal: [n] local rows."""
+    def optimise(self, rollout: Rollout, signal: Signal, round_idx: int) -> dict[str, torch.Tensor]:
+        """``num_inner_epochs`` passes over the round's samples that the signal keeps, in micro-batches."""
         cfg, acc, model = self.cfg, self.accelerator, self.transformer
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         grad_norms = []
-        bs = cfg.train_batch_size
+        values = signal.values[rollout.indices].to(self.device)  # this process's rows
+        batches = micro_batch_rows(len(rollout.indices), cfg.train_batch_size, signal.keep, acc.process_index,
+                                   acc.num_processes)  # fmt: skip
         model.train()
-        bar = tqdm(total=cfg.num_inner_epochs * self.sizes.micro_batches_per_process, desc="optimising", leave=False,
+        bar = tqdm(total=cfg.num_inner_epochs * len(batches), desc="optimising", leave=False,
                    disable=None if acc.is_main_process else True)  # fmt: skip
         for inner in range(cfg.num_inner_epochs):
-            for start in range(0, len(rollout.indices), bs):
-                rows = torch.arange(start, start + bs)
+            for rows in batches:
                 batch = MicroBatch(
                     round_idx=round_idx, inner_epoch=inner, seed=cfg.seed, indices=rollout.indices[rows],
-                    latents=rollout.latents[rows], signal=signal[rows], extras=slice_extras(rollout.extras, rows),
+                    latents=rollout.latents[rows], signal=values[rows], extras=slice_extras(rollout.extras, rows),
                 )  # fmt: skip
-                fields = self.training_fields(rollout.prompts[start : start + bs])
+                fields = self.training_fields([rollout.prompts[int(i)] for i in rows])
                 with acc.accumulate(model):
                     for step in self.objective.losses(batch, fields):
                         acc.backward(step.loss)  # gradients accumulate over the micro-batch's losses
@@ -227,7 +228,12 @@ class Trainer:
                 bar.update()
         bar.close()
         stats = {k: acc.reduce(v / counts[k], reduction="mean") for k, v in sums.items()}
-        stats["grad_norm"] = torch.stack([torch.as_tensor(g, device=self.device).float() for g in grad_norms]).mean()
+        norms = [torch.as_tensor(g, device=self.device).float() for g in grad_norms]
+        stats["grad_norm"] = torch.stack(norms).mean() if norms else torch.zeros((), device=self.device)
+        kept = self.sizes.samples_per_round if signal.keep is None else int(signal.keep.sum())
+        stats["trained_samples"] = torch.tensor(float(kept), device=self.device)  # the round's, all processes
+        if not batches and acc.is_main_process:
+            logger.warning("round %d: no sample is kept by the objective's signal: nothing was trained", round_idx)
         return stats
 
     # --- phase 5: the sampler follows the trained policy (the objective's way) ---------------------
@@ -244,7 +250,7 @@ class Trainer:
         sample_prompts = self.sample_prompts(round_idx)
         group_ids = torch.tensor([self.prompt_ids[p] for p in sample_prompts])
         signal = self.objective.signal(global_rewards, group_ids)  # 3: over the global batch
-        stats = self.optimise(rollout, signal.values[rollout.indices].to(self.device), round_idx)  # 4
+        stats = self.optimise(rollout, signal, round_idx)  # 4
         sampler = self.refresh_sampler(round_idx)  # 5
         metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, sampler)  # 6
         metrics.update(reward_by_prompt(global_rewards, sample_prompts, self.prompt_ids, self.cfg.per_prompt_log_max))
@@ -341,7 +347,7 @@ class Trainer:
             self.rounds_done = round_idx + 1
             shown = {k: f"{metrics[k]:.3g}" for k in self.objective.progress_keys if k in metrics}
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown)
-            if not math.isfinite(metrics["loss"]):
+            if not math.isfinite(metrics.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
             if self.validation_due(self.rounds_done):
                 self.validate(self.rounds_done)

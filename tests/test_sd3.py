@@ -6,6 +6,7 @@ import torch
 from conftest import sampled_and_pipeline_call, tiny_trainer as _trainer, velocity as _velocity, velocity_probe as _probe
 from orw_diffusers import lora
 from orw_diffusers.loss import orw_cfm_w2_loss
+from orw_diffusers.objectives import Signal
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
 
 
@@ -113,20 +114,11 @@ def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_p
         return get(prompts, device)
 
     trainer.family.prompt_cache.get = spy
-    trainer.optimise(rollout, torch.ones(len(rollout.indices)), 0)
+    trainer.optimise(rollout, Signal(torch.ones(len(rollout.indices))), 0)
     micro_batches = [rollout.prompts[i : i + 2] for i in range(0, len(rollout.prompts), 2)]
     assert trainer.training_guidance_scale > 1
     expected = [rows for batch in micro_batches for rows in (batch, [trainer.cfg.negative_prompt] * 2)]
     assert len(micro_batches) == 4 and requested == 2 * expected
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def test_bf16_base_keeps_fp32_lora_and_trains(tiny_sd3_path, tmp_path, fresh_accelerate_state):

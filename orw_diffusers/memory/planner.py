@@ -160,8 +160,10 @@ class PlanSettings:
     reference_pass: bool = True
     #: the objective's loss also takes the sampler's velocity (DiffusionNFT's old policy): a no-grad pass
     sampler_pass: bool = False
-    #: latent-sized tensors the objective's rollout keeps per sample (Flow-GRPO: its trajectory's steps)
+    #: latent-sized tensors the objective's rollout keeps per sample: x1 in the weight dtype, and trajectory
+    #: latents in float32 (Flow-GRPO: both sides of each trained step)
     latents_per_sample: int = 1
+    fp32_latents_per_sample: int = 0
     rewards: tuple[str, ...] = ("clip_score",)
     reward_on_gpu: bool = True
     reward_dtype: str = "float32"
@@ -204,7 +206,8 @@ class PlanSettings:
             guided_training=cfg.cfg_training == "guided",
             reference_pass=objective.needs_reference(),
             sampler_pass=objective.needs_sampler(),
-            latents_per_sample=objective.latents_per_sample(),
+            latents_per_sample=objective.round_latents()[0],
+            fp32_latents_per_sample=objective.round_latents()[1],
             rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward)),
             reward_on_gpu=not (cfg.reward_device or "").startswith("cpu"),
             reward_dtype=cfg.reward_dtype,
@@ -530,12 +533,12 @@ class MemoryPlanner:
 
         # the round's data kept on the GPU
         latent_numel = math.prod(self.latent_shape(s))
+        trajectory = f" + {s.fp32_latents_per_sample} fp32 trajectory latents" if s.fp32_latents_per_sample else ""
         items.append(
             MemoryItem(
                 "round data",
-                f"round latents ({s.samples_per_process} samples"
-                + (f" x {s.latents_per_sample} trajectory latents)" if s.latents_per_sample > 1 else ")"),
-                s.samples_per_process * s.latents_per_sample * latent_numel * dt_bytes,
+                f"round latents ({s.samples_per_process} samples x {s.latents_per_sample} latent{trajectory})",
+                s.samples_per_process * latent_numel * (s.latents_per_sample * dt_bytes + s.fp32_latents_per_sample * 4),
                 all_round,
             )
         )

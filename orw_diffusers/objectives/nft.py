@@ -25,6 +25,15 @@ from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
 class DiffusionNFT(Objective):
     name = "diffusion_nft"
     title = "DiffusionNFT"
+    card_tag = "diffusion-nft"
+    card_text = (
+        "(Zheng et al., 2025). Each round the sampler (the old policy) drew images with a deterministic ODE, the "
+        "reward scored them, and the {trained} were fitted on the forward process to each image, towards it in "
+        "proportion to its group-relative advantage and away from it below the group's mean (an implicit positive "
+        "and negative policy, `nft_beta`), with a KL term (`kl_beta`) to the base model; the sampler then followed "
+        "the trained weights by a soft update."
+    )
+    card_keys = ("nft_beta", "kl_beta", "adv_clip_max", "nft_timestep_fraction", "sampler_decay_rate", "sampler_decay_max")
     config_keys = (
         "nft_beta", "nft_loss_space", "nft_timestep_fraction", "sampler_decay_rate", "sampler_decay_max",
         "sampler_decay_start", "kl_beta", "adv_clip_max", "global_std",
