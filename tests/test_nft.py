@@ -4,6 +4,7 @@ optimality probability, the sampler's soft update under both policies, its keys,
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -309,3 +310,22 @@ def test_the_saved_lora_loads_into_a_plain_sd3_pipeline(tiny_sd3_path, tmp_path)
     out = tmp_path / "out"
     Trainer(TrainConfig(**_nft_values(tiny_sd3_path, out, num_epochs=1, learning_rate=1e-2)), reward_fn=darkness).train()
     assert lora_changes_a_plain_sd3_pipeline(tiny_sd3_path, str(out))  # the adapter is not zero and diffusers applies it
+
+
+def test_a_diffusion_nft_run_has_its_card_and_push(tiny_sd3_path, tmp_path):
+    from huggingface_hub import ModelCard
+    from test_hub import FakeApi, _train
+
+    api = FakeApi()
+    trainer, cfg = _train(tiny_sd3_path, tmp_path / "out", api, hub_model_id="tiny-nft", objective="diffusion_nft",
+                          nft_beta=0.5)  # fmt: skip
+    trainer.train()
+    card = ModelCard.load(os.path.join(cfg.output_dir, "README.md"))
+    assert "diffusion-nft" in card.data.tags and "orw-cfm-w2" not in card.data.tags
+    text = card.text
+    assert text.lstrip().startswith("# DiffusionNFT LoRA adapter of") and "**DiffusionNFT**" in text
+    for needle in ("| objective | DiffusionNFT (`diffusion_nft`) |", "| `nft_beta` | 0.5 |", "| `kl_beta` | 0.0001 |",
+                   "| `sampler_decay_rate` | 0.001 |"):  # fmt: skip
+        assert needle in text, needle
+    assert "w2_coefficient" not in text and "Flow-GRPO" not in text
+    assert api.commit_messages == ["DiffusionNFT LoRA: 1 rounds, 8 samples"]
