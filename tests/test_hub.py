@@ -90,14 +90,19 @@ def test_training_pushes_weights_card_config_metrics_and_grid(tiny_sd3_path, tmp
     assert api.commit_messages == ["ORW-CFM-W2 LoRA: 1 rounds, 8 samples"]
 
 
-def test_a_flow_grpo_run_has_a_flow_grpo_card_and_push(tiny_sd3_path, tmp_path):
+def trained_card(tiny_sd3_path, out, **overrides):
+    """(the model card, the fake Hub API) of a one-round run of ``overrides`` pushed to the fake Hub."""
     from huggingface_hub import ModelCard
 
     api = FakeApi()
-    grpo = dict(objective="flow_grpo", sde_window_size=2, kl_beta=0.01, kl_type="exact", clip_range=0.2)
-    trainer, cfg = _train(tiny_sd3_path, tmp_path / "out", api, hub_model_id="tiny-grpo", **grpo)
+    trainer, cfg = _train(tiny_sd3_path, out, api, **overrides)
     trainer.train()
-    card = ModelCard.load(os.path.join(cfg.output_dir, "README.md"))
+    return ModelCard.load(os.path.join(cfg.output_dir, "README.md")), api
+
+
+def test_a_flow_grpo_run_has_a_flow_grpo_card_and_push(tiny_sd3_path, tmp_path):
+    grpo = dict(objective="flow_grpo", sde_window_size=2, kl_beta=0.01, kl_type="exact", clip_range=0.2)
+    card, api = trained_card(tiny_sd3_path, tmp_path / "out", hub_model_id="tiny-grpo", **grpo)
     assert "flow-grpo" in card.data.tags and "orw-cfm-w2" not in card.data.tags
     text = card.text
     assert text.lstrip().startswith("# Flow-GRPO LoRA adapter of") and "**Flow-GRPO**" in text

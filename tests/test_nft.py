@@ -4,7 +4,6 @@ optimality probability, the sampler's soft update under both policies, its keys,
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -313,14 +312,10 @@ def test_the_saved_lora_loads_into_a_plain_sd3_pipeline(tiny_sd3_path, tmp_path)
 
 
 def test_a_diffusion_nft_run_has_its_card_and_push(tiny_sd3_path, tmp_path):
-    from huggingface_hub import ModelCard
-    from test_hub import FakeApi, _train
+    from test_hub import trained_card
 
-    api = FakeApi()
-    trainer, cfg = _train(tiny_sd3_path, tmp_path / "out", api, hub_model_id="tiny-nft", objective="diffusion_nft",
-                          nft_beta=0.5)  # fmt: skip
-    trainer.train()
-    card = ModelCard.load(os.path.join(cfg.output_dir, "README.md"))
+    card, api = trained_card(tiny_sd3_path, tmp_path / "out", hub_model_id="tiny-nft", objective="diffusion_nft",
+                             nft_beta=0.5)  # fmt: skip
     assert "diffusion-nft" in card.data.tags and "orw-cfm-w2" not in card.data.tags
     text = card.text
     assert text.lstrip().startswith("# DiffusionNFT LoRA adapter of") and "**DiffusionNFT**" in text
