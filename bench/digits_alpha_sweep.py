@@ -281,6 +281,26 @@ def write_results(results: list[dict], base_report: Optional[dict], grids: dict[
         f.write("\n".join(lines))
 
 
+def parse_sets(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as training overrides (values read as YAML); a bad one is the parser's error."""
+    from orw_diffusers.config import from_dict
+    from orw_diffusers.errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
+        if key in PER_RUN_KEYS:
+            parser.error(f"--set {item!r}: the sweep sets {key} for each run ({', '.join(PER_RUN_KEYS)})")
+        overrides[key] = yaml.safe_load(value)
+    try:  # unknown keys and wrong types, as the training script would report them
+        from_dict(overrides)
+    except ConfigError as e:
+        parser.error(f"--set: {e}")
+    return overrides
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.digits_alpha_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="mini base in a temp cache, 2 rounds, 16 eval samples")
@@ -305,21 +325,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="rewrite --output and the grids from --work_dir's sweep_results.json, training nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
-    from orw_diffusers.config import from_dict, load_yaml
-    from orw_diffusers.errors import ConfigError
+    from orw_diffusers.config import load_yaml
 
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
-        if key in PER_RUN_KEYS:
-            parser.error(f"--set {item!r}: the sweep sets {key} for each run ({', '.join(PER_RUN_KEYS)})")
-        overrides[key] = yaml.safe_load(value)
-    try:  # unknown keys and wrong types, as the training script would report them
-        from_dict(overrides)
-    except ConfigError as e:
-        parser.error(f"--set: {e}")
+    overrides = parse_sets(parser, args.set)
     if args.one:
         with open(args.one) as f:
             run_one(json.load(f))

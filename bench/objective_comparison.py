@@ -3,7 +3,7 @@
     python -m bench.objective_comparison --seeds 0 1 2      # 3 objectives x 2 rewards x 3 seeds (~1.5 h on 2 cores)
     python -m bench.objective_comparison --quick            # plumbing only: the mini base, 2 rounds per run
     python -m bench.objective_comparison --objectives flow_grpo   # one objective's rows
-    python -m bench.objective_comparison --objectives diffusion_nft --targets even   # one objective, one target
+    python -m bench.objective_comparison --objectives diffusion_nft --targets even --set learning_rate=3e-3
 
 ORW runs ``configs/digits_even.yaml``, Flow-GRPO ``configs/digits_even_grpo.yaml`` and DiffusionNFT
 ``configs/digits_even_nft.yaml`` (150 rounds of 32 samples each), through the real training script, one fresh process per run (``bench.digits_alpha_sweep``'s
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from bench.digits_alpha_sweep import RunSpec, run_all, target_entropy, target_share
+from bench.digits_alpha_sweep import RunSpec, parse_sets, run_all, target_entropy, target_share
 
 OBJECTIVES = ("orw_cfm_w2", "flow_grpo", "diffusion_nft")
 TARGETS = ("even", "odd")
@@ -64,6 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training override for every run, e.g. --set learning_rate=3e-3 (repeatable)")
     parser.add_argument("--level", type=float, default=0.9, help="reward level for the queries column")
     parser.add_argument("--num_eval", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=1234)
@@ -73,6 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--base", default=None, help="the digits base (default: the cached one)")
     args = parser.parse_args(argv)
+    overrides = parse_sets(parser, args.set)
 
     import torch
 
@@ -91,6 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  "num_sampling_steps": 4}  # fmt: skip
         args.num_eval, args.eval_steps, args.seeds = 16, 2, args.seeds[:1]
     base = base or digits.ensure_digits_base()
+    extra.update(overrides)
     runs = [
         RunSpec(f"{objective}-{target}-s{seed}", objective, 0.1, seed, target=target, objective=objective)
         for seed in args.seeds for target in args.targets for objective in args.objectives
