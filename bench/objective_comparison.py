@@ -2,7 +2,7 @@
 
     python -m bench.objective_comparison --seeds 0 1 2      # 2 objectives x 2 rewards x 3 seeds (~1 h on 2 cores)
     python -m bench.objective_comparison --quick            # plumbing only: the mini base, 2 rounds per run
-    python -m bench.objective_comparison --objectives flow_grpo   # one objective's rows
+    python -m bench.objective_comparison --objectives flow_grpo --set kl_type=exact   # one objective, a setting changed
 
 ORW runs ``configs/digits_even.yaml`` and Flow-GRPO ``configs/digits_even_grpo.yaml`` (150 rounds of 32
 samples each), through the real training script, one fresh process per run (``bench.digits_alpha_sweep``'s
@@ -19,6 +19,8 @@ import statistics
 import sys
 import tempfile
 from typing import Optional
+
+import yaml
 
 from bench.digits_alpha_sweep import RunSpec, run_all, target_entropy, target_share
 
@@ -63,6 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training override for every run, e.g. --set kl_type=exact (repeatable)")
     parser.add_argument("--level", type=float, default=0.9, help="reward level for the queries column")
     parser.add_argument("--num_eval", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=1234)
@@ -80,14 +84,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     work = args.work_dir or tempfile.mkdtemp(prefix="objective-comparison-")
     extra: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
+        extra[key] = yaml.safe_load(value)
     base = args.base
     if args.quick:
         if base is None:
             base = os.path.join(work, "cache", digits.BASE_NAME)
             if not os.path.isdir(base):
                 digits.build_digits_base(base, mini=True, progress=False)
-        extra = {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
-                 "num_sampling_steps": 4}  # fmt: skip
+        # 6 steps: room for the Flow-GRPO config's window of 4 stochastic steps
+        extra |= {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
+                  "num_sampling_steps": 6}  # fmt: skip
         args.num_eval, args.eval_steps, args.seeds = 16, 2, args.seeds[:1]
     base = base or digits.ensure_digits_base()
     runs = [
