@@ -541,7 +541,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """``--config run.yaml [--key value ...]``: the YAML first, then the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description="ORW-CFM-W2 LoRA fine-tuning.")
+    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description="Fine-tune a flow-matching model towards a reward (ORW-CFM-W2, Flow-GRPO or DiffusionNFT).")
     parser.add_argument("--config", default=None, help="YAML run config; any key can be overridden with --key value")
     args, rest = parser.parse_known_args(argv)
     values = apply_aliases(load_yaml(args.config)) if args.config else {}
