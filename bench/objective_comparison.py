@@ -14,7 +14,6 @@ the fine-tuning never saw. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Optional
 import yaml
 
 from bench.digits_alpha_sweep import RunSpec, run_all, target_entropy, target_share
+from bench.sweep import mini_digits_base
 
 OBJECTIVES = ("orw_cfm_w2", "flow_grpo")
 TARGETS = ("even", "odd")
@@ -91,10 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         extra[key] = yaml.safe_load(value)
     base = args.base
     if args.quick:
-        if base is None:
-            base = os.path.join(work, "cache", digits.BASE_NAME)
-            if not os.path.isdir(base):
-                digits.build_digits_base(base, mini=True, progress=False)
+        base = base or mini_digits_base(work)
         # 6 steps: room for the Flow-GRPO config's window of 4 stochastic steps
         extra |= {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
                   "num_sampling_steps": 6}  # fmt: skip
