@@ -91,9 +91,9 @@ class TrainConfig:
     tracker_run_name: Optional[str] = _help("Run name shown by the trackers (wandb). Default: the tracker's.", None)
     # --- precision, memory -------------------------------------------------------------------
     mixed_precision: Optional[str] = _help(
-        "'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32. Default: Accelerate's "
-        "(`accelerate launch --mixed_precision`, its config file, or ACCELERATE_MIXED_PRECISION), else 'no'; "
-        "output_dir/config.yaml records the value the run used.",
+        "'no', 'fp16' or 'bf16'. Frozen weights use this dtype, trained ones stay fp32 (policy full: every weight). "
+        "Default: Accelerate's (`accelerate launch --mixed_precision`, its config file, or "
+        "ACCELERATE_MIXED_PRECISION), else 'no'; output_dir/config.yaml records the value the run used.",
         None,
     )
     gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
@@ -104,7 +104,7 @@ class TrainConfig:
         None,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    rank: int = _help("LoRA rank.", 32)
+    rank: int = _help("LoRA rank (policy lora).", 32)
     lora_alpha: Optional[float] = _help("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
     lora_target_modules: Optional[list[str]] = _help(
         "Module names to adapt (diffusers' lora_layers: one comma-separated string). Default: the family's "
@@ -113,7 +113,9 @@ class TrainConfig:
     )
     lora_dropout: float = _help("Dropout probability of the trained LoRA layers (peft's lora_dropout).", 0.0)
     # --- optimisation ------------------------------------------------------------------------
-    learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", 1e-4)
+    learning_rate: float = _help(
+        "AdamW learning rate of the trained weights (the LoRA, or every weight with policy full).", 1e-4
+    )
     lr_warmup_steps: int = _help("Linear warmup in optimizer steps, then constant.", 0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables clipping).", 1.0)
     adam_beta1: float = _help("AdamW beta1.", 0.9)
@@ -173,9 +175,9 @@ class TrainConfig:
     )
     clip_range: float = _help("epsilon of the clipped ratio clip(rho, 1 - epsilon, 1 + epsilon).", 1e-4)
     kl_beta: Optional[float] = _help(
-        "Weight of the KL to the adapter-free reference (flow_grpo: of each trained step's transition; "
-        "diffusion_nft: mean ||v_theta - v_ref||^2). 0: no reference pass. Default (null): the objective's, "
-        "0.04 for flow_grpo, 1e-4 for diffusion_nft.",
+        "Weight of the KL to the reference (the base model): flow_grpo's of each trained step's transition, "
+        "diffusion_nft's mean ||v_theta - v_ref||^2. 0: no reference pass. Default (null): the objective's, 0.04 for "
+        "flow_grpo, 1e-4 for diffusion_nft.",
         None,
     )
     kl_type: str = _help(
@@ -279,7 +281,7 @@ class TrainConfig:
         10,
     )
     validation_prompts: Optional[list[str]] = _help(
-        "Prompts rendered with fixed noise by the sampler adapter before training and every validation_interval "
+        "Prompts rendered with fixed noise by the sampler before training and every validation_interval "
         "rounds, to output_dir/samples/validation_XXXX.png (XXXX = rounds trained) and the tracker. diffusers' "
         "validation_prompt (one prompt) is read as a one-item list.",
         None,
@@ -586,7 +588,8 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """``--config run.yaml [--key value ...]``: the YAML first, then the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description="ORW-CFM-W2 LoRA fine-tuning.")
+    description = "Fine-tune a flow-matching model towards a reward (ORW-CFM-W2, Flow-GRPO or DiffusionNFT)."
+    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description=description)
     parser.add_argument("--config", default=None, help="YAML run config; any key can be overridden with --key value")
     args, rest = parser.parse_known_args(argv)
     values = apply_aliases(load_yaml(args.config)) if args.config else {}

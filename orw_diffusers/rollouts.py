@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from . import streams
 from .flow import per_sample_noise
 from .objectives import RolloutRecord
+from .progress import progress_bar
 from .rewards import RewardOutput, clean_scores
 from .sampling import VelocityField, guided_field, integrate
 
@@ -99,9 +99,9 @@ class Rollouts:
         """This process's samples of the round: ``prompts`` [n] at global ``indices`` [n], sampled and scored."""
         bs = self.t.cfg.sample_batch_size
         latents, extras, rewards, images_kept, comps, bad, embeddings = [], {}, [], [], {}, 0, []
-        # Inner bars: main process, and only on a terminal (disable=None), so log files get the rounds bar only.
-        quiet = None if self.t.accelerator.is_main_process else True
-        for start in tqdm(range(0, len(indices), bs), desc="sampling", leave=False, disable=quiet):
+        starts = progress_bar(range(0, len(indices), bs), desc="sampling", leave=False, inner=True,
+                              enabled=self.t.accelerator.is_main_process)  # fmt: skip
+        for start in starts:
             batch_prompts = prompts[start : start + bs]
             record = self.record(batch_prompts, indices[start : start + bs], round_idx)
             record.latents = self.t.family.finish_rollout(record.latents)

@@ -1,6 +1,6 @@
 """``Trainer``: the online round loop with Accelerate, for any objective, policy and model.
 
-Each round is a flat sequence of named phases (DESIGN.md section 1):
+Each round is a flat sequence of named phases (the README's "The method in one screen"):
 sample -> reward -> signal -> optimise -> refresh sampler -> metrics -> log -> checkpoint.
 The loop talks to three seams and names none of their implementations: the objective
 (``objectives/``: what a rollout records, the training signal, the losses), the policy
@@ -19,8 +19,6 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
-
 from . import build, checkpoint, hub, streams
 from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
@@ -29,6 +27,7 @@ from .models import FlowModel
 from .objectives import Fields, MicroBatch, Signal, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
+from .progress import progress_bar
 from .prompts import load_prompts
 from .rollouts import Rollout, Rollouts, micro_batch_rows
 from .run_log import RunLog, quiet_logging, reward_by_prompt
@@ -204,8 +203,8 @@ class Trainer:
         batches = micro_batch_rows(len(rollout.indices), cfg.train_batch_size, signal.keep, acc.process_index,
                                    acc.num_processes)  # fmt: skip
         model.train()
-        bar = tqdm(total=cfg.num_inner_epochs * len(batches), desc="optimising", leave=False,
-                   disable=None if acc.is_main_process else True)  # fmt: skip
+        bar = progress_bar(total=cfg.num_inner_epochs * len(batches), desc="optimising", leave=False, inner=True,
+                           enabled=acc.is_main_process)  # fmt: skip
         for inner in range(cfg.num_inner_epochs):
             for rows in batches:
                 batch = MicroBatch(
@@ -337,16 +336,16 @@ class Trainer:
         if self.validation_due(self.start_round):
             self.validate(self.start_round)
         metrics: dict[str, Any] = {}
-        bar = tqdm(
+        bar = progress_bar(
             range(self.start_round, cfg.num_epochs), desc="rounds", initial=self.start_round, total=cfg.num_epochs,
-            disable=not acc.is_main_process,
+            enabled=acc.is_main_process,
         )  # fmt: skip
         for round_idx in bar:
             metrics = self.run_round(round_idx)
             self.log.metrics(metrics)
             self.rounds_done = round_idx + 1
             shown = {k: f"{metrics[k]:.3g}" for k in self.objective.progress_keys if k in metrics}
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown, refresh=False)
             if not math.isfinite(metrics.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
             if self.validation_due(self.rounds_done):
