@@ -102,6 +102,19 @@ class Objective(ABC):
         """Latent-sized tensors a rollout keeps per sample on the training device (the memory planner's round data)."""
         return 1
 
+    # --- state that changes from round to round (e.g. an adaptive coefficient) -------------------------
+    def end_round(self, metrics: dict[str, float]) -> dict[str, float]:
+        """After a round's optimisation: ``metrics`` are its logged scalars (reduced over processes, so every
+        process sees the same). Update any adaptive state; return extra metrics to log for this round."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state that ``end_round`` changes; checkpointed, so a resumed run continues bitwise."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output (an empty dict: a checkpoint written without state)."""
+
 
 def slice_extras(extras: dict[str, torch.Tensor], rows: torch.Tensor, device: Optional[torch.device] = None) -> dict:
     return {k: (v[rows] if device is None else v[rows].to(device)) for k, v in extras.items()}
