@@ -152,6 +152,9 @@ def test_w2_target_moves_alpha_every_round(tiny_sd3_path, tmp_path):
     # w2_loss is far below a large target: alpha falls by the largest step, exp(-0.3), every round
     assert all(r["w2_loss"] < 1e3 / math.e for r in rows)
     assert [r["w2_coefficient"] for r in rows] == pytest.approx([0.5 * math.exp(-0.3 * i) for i in range(3)])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| `w2_target` (W2 budget) / alpha in the last round | 1000 / {rows[-1]['w2_coefficient']:.4g} |" in card
+    assert "hacking" not in card  # no judges, no alarm row
 
 
 CALLS = {"rising": 0, "falling": 0}
@@ -183,6 +186,9 @@ def test_alarm_warns_once_and_stops_the_run_cleanly(tiny_sd3_path, tmp_path, cap
     assert len(warnings) == 1 and "round 2" in warnings[0] and "rounds 0-2" in warnings[0]
     assert (out / LORA_WEIGHTS_NAME).exists() and (out / "README.md").exists()
     assert (out / "checkpoints" / "checkpoint-000003").is_dir()  # a checkpoint to continue from
+    card = (out / "README.md").read_text()
+    assert "| reward-hacking alarm | raised in round 2, the run stopped there |" in card
+    assert "| held-out `falling` (eval_reward), first → last round | -1.5 → -5.5 |" in card  # 2 calls per round
 
 
 def test_digit_judge_reward_is_the_demos_svc():
@@ -199,3 +205,12 @@ def test_digit_judge_reward_is_the_demos_svc():
     assert ((out.rewards > 0.5) == (labels % 2 == 0)).float().mean() > 0.9  # it reads real digits
     small = torch.nn.functional.avg_pool2d(images, 2)  # 8 x 8 pixel-base images are resized for the judge
     assert build_reward([{"name": "digit_judge_in", "kwargs": {"digits": [1]}}])(small, [""] * 40).rewards.shape == (40,)
+
+
+def test_memory_planner_counts_the_judges_beside_the_reward(tiny_sd3_path, tmp_path):
+    from orw_diffusers.memory import PlanSettings
+
+    cfg = _cfg(tiny_sd3_path, tmp_path, reward="jpeg_compressibility", eval_reward={"pickscore": 1.0})
+    assert PlanSettings.from_train_config(cfg).rewards == ("jpeg_compressibility", "pickscore")
+    cfg = _cfg(tiny_sd3_path, tmp_path, reward="jpeg_compressibility")
+    assert PlanSettings.from_train_config(cfg).rewards == ("jpeg_compressibility",)
