@@ -63,8 +63,8 @@ class Hyper:
     rank: int = 8  # policy lora's rank
     eval_reward: str = ""  # a held-out judge (YAML reward spec, e.g. digit_judge_even); "": none
     hacking_window: int = 20  # the alarm's keys (used with eval_reward)
-    hacking_min_rise: float = 0.02
-    hacking_min_drop: float = 0.02
+    hacking_min_rise: float = 0.0
+    hacking_min_drop: float = 0.1
     w2_adapt_rate: float = 0.1  # the W2 budget's step (runs with a w2_target)
 
 

@@ -238,8 +238,16 @@ class TrainConfig:
         "training reward's least-squares change is >= hacking_min_rise while an eval_reward's is <= -hacking_min_drop.",
         20,
     )
-    hacking_min_rise: float = _help("The alarm's rise of the mean training reward over the window, in its units.", 0.02)
-    hacking_min_drop: float = _help("The alarm's fall of a mean eval_reward over the window, in its units.", 0.02)
+    hacking_min_rise: float = _help(
+        "The alarm's least rise of the mean training reward over the window, in its units (0: it did not fall; a "
+        "hacked reward often saturates before the judges fall).",
+        0.0,
+    )
+    hacking_min_drop: float = _help(
+        "The alarm's least fall of a mean eval_reward over the window, in its units; set it above the judge's noise "
+        "(docs/results.md: 0.1 for a [0, 1] judge on 128 samples per round).",
+        0.1,
+    )
     stop_on_reward_hacking: bool = _help(
         "When the alarm fires, save a checkpoint, the weights and the model card, and end the run.", False
     )
