@@ -469,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if hyper.eval_reward or any(r["spec"].get("w2_target") is not None for r in results):
         from bench.guard_report import check_guard_targets, guard_section_markdown, guard_table
 
-        rows = guard_table(results, hyper.rounds)
+        rows = guard_table(results, hyper.rounds, work)
         targets, headline = check_guard_targets(results, W2_TARGET_FACTOR, hyper.rounds)
         grids: dict[str, str] = {}
         guards = (f"eval_reward {hyper.eval_reward or 'none'}, hacking_window {hyper.hacking_window}, hacking_min_rise "

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 from typing import Any, Optional
 
@@ -17,10 +19,21 @@ def _judge(result: dict) -> str:
     return ", ".join(f"{v:.3f}" for v in held_out.values()) or "-"
 
 
-def guard_table(results: list[dict], rounds: int) -> list[list[str]]:
-    """One row per run: the judge's numbers, W2 against the target, the final alpha, the alarm's round."""
+def latent_drift(work: str, name: str) -> str:
+    """``latent_rms`` in round 0 (the base's samples) -> the last round, from the run's ``metrics.jsonl``."""
+    path = os.path.join(work, name, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return "-"
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return f"{rows[0]['latent_rms']:.2f} → {rows[-1]['latent_rms']:.2f}" if rows and "latent_rms" in rows[0] else "-"
+
+
+def guard_table(results: list[dict], rounds: int, work: str) -> list[list[str]]:
+    """One row per run: the judge's numbers, W2 against the target, the final alpha, the alarm's round and
+    the drift of the sampled latents' RMS."""
     rows = [["run", "w2_target", "W2", "W2 / target", "final alpha", "P(even)", "entropy (ln5)", "rel. conf.",
-             "CNN reward", "judge (last rounds)", "alarm (first round)"]]  # fmt: skip
+             "CNN reward", "judge (last rounds)", "alarm (first round)", "latent RMS (round 0 → last)"]]  # fmt: skip
     for r in results:
         target = r["spec"].get("w2_target")
         rep = r["report"]
@@ -30,6 +43,7 @@ def guard_table(results: list[dict], rounds: int) -> list[list[str]]:
             "-" if target is None else f"{r['w2_final'] / target:.2f}", f"{r['alpha_final']:.4g}",
             f"{rep['p_even']:.3f}", f"{_entropy_ln5(rep):.2f}", f"{rep['relative_confident_share']:.2f}",
             f"{r['reward']:.3f}", _judge(r), "-" if alarm is None else f"{alarm} of {rounds}",
+            latent_drift(work, r["spec"]["name"]),
         ])  # fmt: skip
     return rows
 
