@@ -1,8 +1,8 @@
-"""Shared pieces of the benchmarks: the scaled-down SD3 pipeline, a reward model, timing and tables.
+"""Shared pieces of the timing benchmarks: the scaled-down SD3 pipeline, timing, child processes and the
+sections of docs/benchmarks.md. (The digits studies share ``bench/sweep.py``.)
 
 Run a benchmark from the repository root as ``python -m bench.<name> [--quick]``; ``python -m
 bench.run_all`` runs them all and writes ``docs/benchmarks.md``. Nothing here downloads anything.
-
 The benchmark reward lives in ``bench/reward.py``, which training processes load by path.
 """
 
@@ -25,21 +25,16 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from bench.reward import ConvReward, conv_reward  # noqa: F401  (re-exported for the benchmarks)
+from bench import REPO, markdown_table
+from bench.reward import conv_reward
 from orw_diffusers import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, for every bench script
-TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 MODEL_CACHE = os.environ.get("ORW_BENCH_CACHE", "/tmp/orw-bench-models")
 WORDS = tiny.WORDS + ("tree", "house", "car")
 
 
-# ------------------------------------------------------------------------------------------------
-# The benchmark model: an SD3 pipeline shaped like SD3.5 (16 latent channels, patch 2, RMS q/k
-# norm, a dual-attention layer, CLIP tokens + zero T5 context), only narrower and shallower.
-# ------------------------------------------------------------------------------------------------
-
-
+# --- the benchmark model: an SD3 pipeline shaped like SD3.5 (16 latent channels, patch 2, RMS q/k norm, a
+# dual-attention layer, CLIP tokens + zero T5 context), only narrower and shallower --------------------------
 @dataclass(frozen=True)
 class ModelSpec:
     layers: int = 4
@@ -61,48 +56,29 @@ class ModelSpec:
         return self.latent_size * 2 ** (len(self.vae_blocks) - 1)
 
     def describe(self) -> str:
-        return (
-            f"SD3 transformer: {self.layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
-            f"16 x {self.latent_size}x{self.latent_size} latents "
-            f"(patch 2: {(self.latent_size // 2) ** 2} image tokens), "
-            f"{self.resolution} px; VAE blocks {list(self.vae_blocks)}; CLIP x2 hidden {self.text_hidden}"
-        )
+        return (f"SD3 transformer: {self.layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
+                f"16 x {self.latent_size}x{self.latent_size} latents (patch 2: {(self.latent_size // 2) ** 2} image "
+                f"tokens), {self.resolution} px; VAE blocks {list(self.vae_blocks)}; CLIP x2 hidden {self.text_hidden}")
 
 
 BENCH = ModelSpec()
-QUICK = ModelSpec(
-    layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16), text_hidden=16, tokenizer_length=16
-)
-
-
-def build_pipeline(spec: ModelSpec):
-    """A ``StableDiffusion3Pipeline`` without T5, built in code by ``orw_diffusers.tiny`` to ``spec``."""
-    return tiny.sd3_pipeline(
-        words=WORDS,
-        resolution=spec.resolution,
-        vae_blocks=spec.vae_blocks,
-        text_hidden=spec.text_hidden,
-        model_max_length=spec.tokenizer_length,
-        transformer_layers=spec.layers,
-        attention_head_dim=spec.head_dim,
-        num_attention_heads=spec.heads,
-        latent_channels=16,
-        patch_size=2,
-        joint_attention_dim=spec.hidden,
-        qk_norm="rms_norm",
-        dual_attention_layers=tuple(i for i in spec.dual_attention_layers if i < spec.layers),
-        vae_norm_groups=min(16, spec.vae_blocks[0]),
-        seed=spec.seed,
-    )
+QUICK = ModelSpec(layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16), text_hidden=16, tokenizer_length=16)
 
 
 def saved_pipeline(spec: ModelSpec) -> str:
-    """``save_pretrained`` directory of ``build_pipeline(spec)``, built once per spec (under /tmp)."""
+    """``save_pretrained`` directory of a ``StableDiffusion3Pipeline`` without T5 built to ``spec`` by
+    ``orw_diffusers.tiny``, built once per spec (under /tmp)."""
     key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(MODEL_CACHE, key)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         tmp = f"{path}.tmp{os.getpid()}"
-        build_pipeline(spec).save_pretrained(tmp)
+        tiny.sd3_pipeline(
+            words=WORDS, resolution=spec.resolution, vae_blocks=spec.vae_blocks, text_hidden=spec.text_hidden,
+            model_max_length=spec.tokenizer_length, transformer_layers=spec.layers, attention_head_dim=spec.head_dim,
+            num_attention_heads=spec.heads, latent_channels=16, patch_size=2, joint_attention_dim=spec.hidden,
+            qk_norm="rms_norm", dual_attention_layers=tuple(i for i in spec.dual_attention_layers if i < spec.layers),
+            vae_norm_groups=min(16, spec.vae_blocks[0]), seed=spec.seed,
+        ).save_pretrained(tmp)  # fmt: skip
         os.makedirs(MODEL_CACHE, exist_ok=True)
         try:
             os.rename(tmp, path)
@@ -117,57 +93,23 @@ def prompts(n: int) -> list[str]:
 
 
 def run_config(model_path: str, output_dir: str, **overrides: Any) -> dict:
-    """A run config for the benchmark model; the reward is ``conv_reward`` below."""
+    """A run config for the benchmark model; the reward is ``bench/reward.py:conv_reward``."""
     values = dict(
-        pretrained_model_name_or_path=model_path,
-        output_dir=output_dir,
-        load_t5=False,
-        max_sequence_length=32,
-        resolution=BENCH.resolution,
-        prompts=prompts(4),
-        images_per_prompt=2,
-        sample_batch_size=4,
-        train_batch_size=2,
-        num_epochs=1,
-        num_sampling_steps=8,
-        guidance_scale=4.5,
-        rank=16,
-        learning_rate=1e-4,
-        w2_coefficient=1.0,
-        reward=f"{os.path.join(REPO, 'bench', 'reward.py')}:conv_reward",
-        seed=0,
-    )
+        pretrained_model_name_or_path=model_path, output_dir=output_dir, load_t5=False, max_sequence_length=32,
+        resolution=BENCH.resolution, prompts=prompts(4), images_per_prompt=2, sample_batch_size=4,
+        train_batch_size=2, num_epochs=1, num_sampling_steps=8, guidance_scale=4.5, rank=16, learning_rate=1e-4,
+        w2_coefficient=1.0, reward=f"{os.path.join(REPO, 'bench', 'reward.py')}:conv_reward", seed=0,
+    )  # fmt: skip
     values.update(overrides)
     return values
 
 
-def trainer_for(model_path: str, output_dir: str, trainer_class: Optional[type] = None, **overrides: Any):
-    """An ``Trainer`` (or ``trainer_class``) on the benchmark pipeline with the conv reward."""
+def trainer_for(model_path: str, output_dir: str, **overrides: Any):
+    """A ``Trainer`` on the benchmark pipeline with the conv reward."""
     from orw_diffusers.config import TrainConfig
     from orw_diffusers.trainer import Trainer
 
-    cfg = TrainConfig(**run_config(model_path, output_dir, **overrides))
-    return (trainer_class or Trainer)(cfg, reward_fn=conv_reward)
-
-
-def fixed_rollout(trainer, seed: int = 0):
-    """A Rollout of random latents for this process's samples (sampling is not what is measured)."""
-    from orw_diffusers.trainer import Rollout
-
-    indices = trainer.local_indices()
-    sample_prompts = trainer.sample_prompts(0)
-    g = torch.Generator().manual_seed(seed)
-    n = len(indices)
-    return Rollout(
-        latents=torch.randn((n, *trainer.latent_shape), generator=g).to(trainer.device, trainer.weight_dtype),
-        extras={},
-        prompts=[sample_prompts[int(i)] for i in indices],
-        indices=indices,
-        rewards=torch.zeros(n),
-        components={},
-        num_nonfinite=0,
-        images=torch.zeros(0, 3, 1, 1),
-    )
+    return Trainer(TrainConfig(**run_config(model_path, output_dir, **overrides)), reward_fn=conv_reward)
 
 
 @dataclass
@@ -175,45 +117,34 @@ class FixedRound:
     """A trainer with one round of random latents and unit weights: ``optimise`` without sampling."""
 
     trainer: Any  # Trainer
-    rollout: Any  # its Rollout, from fixed_rollout
+    rollout: Any  # Rollout of random latents for this process's samples (sampling is not what is measured)
     weights: torch.Tensor  # [n] ones
 
     def optimise(self) -> dict[str, torch.Tensor]:
-        return self.trainer.optimise(self.rollout, self.weights, 0)
+        from orw_diffusers.objectives import Signal
+
+        return self.trainer.optimise(self.rollout, Signal(self.weights), 0)
 
 
 @contextlib.contextmanager
-def fixed_round(
-    spec: ModelSpec,
-    num_prompts: int,
-    batch: int = 2,
-    trainer_class: Optional[type] = None,
-    **overrides: Any,
-) -> Iterator[FixedRound]:
-    """``trainer_for`` on ``spec``'s saved pipeline at its resolution, in a temporary output directory:
-    ``num_prompts`` prompts x ``batch`` images, sampled and trained in batches of ``batch`` (one
-    micro-batch per prompt), with ``fixed_rollout``'s round."""
+def fixed_round(spec: ModelSpec, num_prompts: int, batch: int = 2, **overrides: Any) -> Iterator[FixedRound]:
+    """``trainer_for`` on ``spec``'s saved pipeline in a temporary output directory: ``num_prompts`` prompts x
+    ``batch`` images, sampled and trained in batches of ``batch`` (one micro-batch per prompt)."""
+    from orw_diffusers.trainer import Rollout
+
     with tempfile.TemporaryDirectory() as out:
-        trainer = trainer_for(
-            saved_pipeline(spec),
-            out,
-            trainer_class,
-            resolution=spec.resolution,
-            prompts=prompts(num_prompts),
-            images_per_prompt=batch,
-            sample_batch_size=batch,
-            train_batch_size=batch,
-            **overrides,
-        )
-        rollout = fixed_rollout(trainer)
-        yield FixedRound(trainer, rollout, torch.ones(len(rollout.indices)))
+        trainer = trainer_for(saved_pipeline(spec), out, resolution=spec.resolution, prompts=prompts(num_prompts),
+                              images_per_prompt=batch, sample_batch_size=batch, train_batch_size=batch, **overrides)
+        indices, round_prompts = trainer.local_indices(), trainer.sample_prompts(0)
+        n = len(indices)
+        latents = torch.randn((n, *trainer.latent_shape), generator=torch.Generator().manual_seed(0))
+        rollout = Rollout(latents=latents.to(trainer.device, trainer.weight_dtype), extras={},
+                          prompts=[round_prompts[int(i)] for i in indices], indices=indices, rewards=torch.zeros(n),
+                          components={}, num_nonfinite=0, images=torch.zeros(0, 3, 1, 1))  # fmt: skip
+        yield FixedRound(trainer, rollout, torch.ones(n))
 
 
-# ------------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------------
-
-
+# --- timing ------------------------------------------------------------------------------------------------
 def set_threads(n: int = 1) -> None:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
@@ -225,38 +156,20 @@ def bench_spec(quick: bool) -> ModelSpec:
     return QUICK if quick else BENCH
 
 
-# The machine these benchmarks were written on is shared with other jobs, so by default they time
-# CPU seconds of this process (with one thread, the work done, not the waiting for a core). Wall
-# time is one --clock wall away; the two-process benchmark always uses wall time.
+# The machine these benchmarks were written on is shared with other jobs, so by default they time CPU seconds
+# of this process (with one thread, the work done, not the waiting for a core). --clock wall gives wall time;
+# the two-process benchmark always uses wall time.
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+CLOCK_NOTES = {
+    "cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
+    "on the machine disturb less than wall time; --clock wall gives wall time.",
+    "wall": "Times are wall-clock seconds (--clock wall).",
+}
 _clock: list[str] = ["cpu"]
-
-
-def set_clock(name: str) -> None:
-    if name not in CLOCKS:
-        raise ValueError(f"clock {name!r} is not one of {', '.join(CLOCKS)}")
-    _clock[0] = name
 
 
 def clock() -> float:
     return CLOCKS[_clock[0]]()
-
-
-def clock_note() -> str:
-    return {
-        "cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
-        "on the machine disturb less than wall time; --clock wall gives wall time.",
-        "wall": "Times are wall-clock seconds (--clock wall).",
-    }[_clock[0]]
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds of ``fn()`` on the benchmark clock; a ``fn`` that returns a float has timed its own
-    core (e.g. a forward pass inside a context whose entry and exit are not the measured work)."""
-    start = clock()
-    result = fn()
-    elapsed = clock() - start
-    return result if isinstance(result, float) else elapsed
 
 
 class Stopwatch:
@@ -270,17 +183,24 @@ class Stopwatch:
         self.seconds = clock() - self.start
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn()`` on the benchmark clock; a ``fn`` that returns a float has timed its own core
+    (e.g. a forward pass inside a context whose entry and exit are not the measured work)."""
+    with Stopwatch() as sw:
+        result = fn()
+    return result if isinstance(result, float) else sw.seconds
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each variant per repetition. Variants run one after another within a repetition
-    and the order rotates between repetitions, so slow drifts of a shared machine hit all alike."""
+    """Seconds of each variant per repetition. Variants run one after another within a repetition and the
+    order rotates between repetitions, so slow drifts of a shared machine hit all alike."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             times[name].append(timed(variants[name]))
     return times
 
@@ -305,46 +225,34 @@ def ratios(num: Sequence[float], den: Sequence[float]) -> Stat:
     return Stat([a / b for a, b in zip(num, den)])
 
 
-# ------------------------------------------------------------------------------------------------
-# Child processes (the peak-RSS readings themselves are in bench/rss.py)
-# ------------------------------------------------------------------------------------------------
-
-# glibc serves every block of at least this many bytes by mmap and unmaps it when freed. At 64 KiB
-# the small tensors of the smallest validation config still came from (and went back to) the heap
-# and were missed by up to 0.6 MiB; at 4 KiB RSS follows the live tensors to within a page.
+# --- child processes ---------------------------------------------------------------------------------------
+# glibc serves every block of at least this many bytes by mmap and unmaps it when freed. At 64 KiB the small
+# tensors of the smallest planner config still came from (and went back to) the heap and were missed by up
+# to 0.6 MiB; at 4 KiB RSS follows the live tensors to within a page.
 MMAP_THRESHOLD = 4096
 
 
-def child_env(threads: int = 1) -> dict[str, str]:
-    """Environment of a measuring child: 1 thread, no Hub, and glibc returning every freed block
-    of 4 KiB and more to the OS at once, so RSS follows the live tensors instead of the allocator's
-    cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+def child_env(threads: int = 1, measure_memory: bool = False) -> dict[str, str]:
+    """Environment of a benchmark's child: ``threads`` threads, no Hub; ``measure_memory``: glibc returns
+    every freed block of 4 KiB and more to the OS at once, so RSS follows the live tensors instead of the
+    allocator's cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MALLOC_MMAP_THRESHOLD_")}
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    if measure_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     return env
 
 
-def run_child(module: str, args: Sequence[str], threads: int = 1, timeout: int = 900) -> dict:
-    """``python -m <module> <args>`` in a fresh process; its last stdout line is a JSON result."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=child_env(threads),
-        timeout=timeout,
-    )
+def run_child(module: str, args: Sequence[str], timeout: int = 900) -> dict:
+    """``python -m <module> <args>`` in a fresh memory-measuring process; its last stdout line is a JSON result."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          env=child_env(measure_memory=True), timeout=timeout)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------------------------------------
-# Reporting
-# ------------------------------------------------------------------------------------------------
-
-
+# --- reporting ---------------------------------------------------------------------------------------------
 @dataclass
 class Section:
     """One benchmark's part of docs/benchmarks.md."""
@@ -356,52 +264,34 @@ class Section:
     results: dict[str, Any] = field(default_factory=dict)  # the headline numbers, for tests and JSON
 
     def markdown(self) -> str:
-        head, *rows = self.table
-        lines = [f"## {self.title}", "", f"Reproduce: `{self.command}`", ""]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join("---" for _ in head) + "|")
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        lines = [f"## {self.title}", "", f"Reproduce: `{self.command}`", "", *markdown_table(self.table)]
         if self.notes:
-            lines.append("")
-            lines += [note if note.startswith(("-", " ")) else f"- {note}" for note in self.notes]
+            lines += [""] + [note if note.startswith(("-", " ")) else f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
 
 def machine_info() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import diffusers
 
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {_mem_total_gib():.0f} GiB RAM, no GPU, shared with other jobs (each "
-        f"section notes the load average during its run); Python {platform.python_version()}, "
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}; {datetime.date.today().isoformat()}"
-    )
-
-
-def _mem_total_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20
-    except (OSError, StopIteration):
-        return float("nan")
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    memory = float("nan")
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        memory = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) / 2**20
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU, shared with other jobs (each section notes "
+            f"the load average during its run); Python {platform.python_version()}, torch {torch.__version__}, "
+            f"diffusers {diffusers.__version__}; {datetime.date.today().isoformat()}")
 
 
 def load_note() -> str:
     load = os.getloadavg()
-    return (
-        f"machine load average during this benchmark: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) "
-        f"on {os.cpu_count()} cores"
-    )
+    return f"machine load average during this benchmark: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def timing_notes() -> list[str]:
     """The last notes of a timing benchmark: which clock, and how loaded the machine was."""
-    return [clock_note(), load_note()]
+    return [CLOCK_NOTES[_clock[0]], load_note()]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -413,16 +303,6 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    args = p.parse_args(argv)
-    set_clock(args.clock)
-    return args
-
-
-def reps_of(args: argparse.Namespace, default: int = 5) -> int:
-    return args.reps or (1 if args.quick else default)
-
-
 def emit(section: Section, args: argparse.Namespace) -> None:
     print(section.markdown())
     if args.json:
@@ -430,43 +310,11 @@ def emit(section: Section, args: argparse.Namespace) -> None:
             json.dump(asdict(section), f, indent=1)
 
 
-def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Sequence[str]], default_reps: int) -> int:
-    """A timing benchmark's ``main``: parse the common options, ``run(quick, reps)``, print (and save) the section."""
-    args = parse(parser(doc.splitlines()[0]), argv)
-    emit(run(args.quick, reps_of(args, default_reps)), args)
+def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Sequence[str]], default_reps: int,
+             p: Optional[argparse.ArgumentParser] = None) -> int:  # fmt: skip
+    """A benchmark's ``main``: parse the common options (``p``: with the benchmark's own), ``run(quick, reps)``,
+    print (and save) the section."""
+    args = (p or parser(doc.splitlines()[0])).parse_args(argv)
+    _clock[0] = args.clock
+    emit(run(args.quick, args.reps or (1 if args.quick else default_reps)), args)
     return 0
-
-
-def run_child_jobs(jobs: list[dict], module: str, max_jobs: int, env: dict[str, str],
-                   summary: Callable[[dict], str]) -> list[dict]:  # fmt: skip
-    """Run ``python -m module --one <out_dir>/job.json`` for each job (``max_jobs`` at a time, output in
-    ``<out_dir>/run.log``) and return each child's ``<out_dir>/sweep_result.json`` as it finishes. A job is a
-    dict with ``out_dir`` and ``spec.name``; a failed child is reported and left out."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    pending, active, results = list(jobs), [], []
-    while pending or active:
-        while pending and len(active) < max_jobs:
-            job = pending.pop(0)
-            os.makedirs(job["out_dir"], exist_ok=True)
-            job_path = os.path.join(job["out_dir"], "job.json")
-            with open(job_path, "w") as f:
-                json.dump(job, f)
-            log = open(os.path.join(job["out_dir"], "run.log"), "w")
-            proc = subprocess.Popen([sys.executable, "-m", module, "--one", job_path], stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=REPO, env=env)  # fmt: skip
-            active.append((job, proc, log, time.perf_counter()))
-        time.sleep(0.5)
-        for item in list(active):
-            job, proc, log, t0 = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            log.close()
-            name, path = job["spec"]["name"], os.path.join(job["out_dir"], "sweep_result.json")
-            if proc.returncode != 0 or not os.path.exists(path):
-                print(f"{name}: FAILED (rc {proc.returncode}); see {os.path.join(job['out_dir'], 'run.log')}", flush=True)
-                continue
-            with open(path) as f:
-                results.append(json.load(f))
-            print(f"{name}: {time.perf_counter() - t0:.0f} s, {summary(results[-1])}", flush=True)
-    return results

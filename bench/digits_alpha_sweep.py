@@ -3,7 +3,7 @@
     python -m bench.digits_alpha_sweep            # the full sweep, 3 seeds (~37 min on 2 CPU cores), writes docs/results.md
     python -m bench.digits_alpha_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
 
-Each run is ``train_scripts/train_orw_cfm_w2.py --config configs/digits_even.yaml`` with overrides (a
+Each run is the training entry point (``orw_diffusers.train``) on ``configs/digits_even.yaml`` with overrides (a
 fresh process per run, ``--jobs`` at a time), then 500 samples of the fine-tuned pipeline through plain
 diffusers (``load_lora_weights``), judged by ``digits.evaluate_images`` (an SVC the fine-tuning never saw).
 Runs: every alpha x every seed, a reward-free control (uniform weights, alpha 0) and an odd-digits run
@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from bench.common import REPO, TRAIN_SCRIPT, run_child_jobs
+from bench import REPO
+from bench.sweep import finish_run, mini_digits_base, run_child_jobs, run_job_file, write_group_grids
 
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 GRPO_CONFIG = os.path.join(REPO, "configs", "digits_even_grpo.yaml")
@@ -89,11 +90,10 @@ def run_one(job: dict[str, Any]) -> None:
     torch.set_num_threads(job["threads"])
     spec = RunSpec(**job["spec"])
     out_dir = job["out_dir"]
-    sys.path.insert(0, os.path.dirname(TRAIN_SCRIPT))
-    import train_orw_cfm_w2 as script
+    from orw_diffusers.train import main as train_main
 
     start = time.perf_counter()
-    if script.main(train_argv(spec, job["base"], out_dir, job["extra"])) != 0:
+    if train_main(train_argv(spec, job["base"], out_dir, job["extra"])) != 0:
         raise SystemExit(f"{spec.name}: training failed")
     train_seconds = time.perf_counter() - start
 
@@ -119,9 +119,7 @@ def run_one(job: dict[str, Any]) -> None:
         "round_seconds": sum(r["seconds"] for r in rows), "train_seconds": train_seconds,
         "reward_curve": [r["reward_mean"] for r in rows],
     }  # fmt: skip
-    torch.save(images[:GRID_SAMPLES], os.path.join(out_dir, "eval_grid.pt"))
-    with open(os.path.join(out_dir, "sweep_result.json"), "w") as f:
-        json.dump(result, f)
+    finish_run(out_dir, result, images[:GRID_SAMPLES])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,24 +167,17 @@ def fmt_hist(histogram: list[float]) -> str:
 
 def write_grids(results: list[dict], base_images: Any, img_dir: str, work: str) -> dict[str, str]:
     """One grid per group (its first seed), plus the base; returns group -> file name."""
-    import torch
-
     from orw_diffusers.images import image_grid, save_image
+
+    def write(images: Any, path: str) -> None:
+        save_image(image_grid(images[:GRID_SAMPLES], ncols=16, min_tile=32, pad=1), path)
 
     os.makedirs(img_dir, exist_ok=True)
     files = {}
     if base_images is not None:
-        save_image(image_grid(base_images[:GRID_SAMPLES], ncols=16, min_tile=32, pad=1), os.path.join(img_dir, "digits_base.png"))
+        write(base_images, os.path.join(img_dir, "digits_base.png"))
         files["base"] = "digits_base.png"
-    for result in results:
-        group = result["spec"]["group"]
-        if group in files:
-            continue
-        images = torch.load(os.path.join(work, result["spec"]["name"], "eval_grid.pt"))
-        name = "digits_" + result["spec"]["name"].rsplit("-s", 1)[0].replace(".", "p") + ".png"
-        save_image(image_grid(images, ncols=16, min_tile=32, pad=1), os.path.join(img_dir, name))
-        files[group] = name
-    return files
+    return write_group_grids(results, work, img_dir, "digits_", write, files)
 
 
 def check_targets(groups: dict[str, list[dict]]) -> list[str]:
@@ -317,9 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         parser.error(f"--set: {e}")
     if args.one:
-        with open(args.one) as f:
-            run_one(json.load(f))
-        return 0
+        return run_job_file(args.one, run_one)
 
     import torch
 
@@ -330,10 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     extra: dict[str, Any] = {}
     base = args.base
     if args.quick:  # one alpha, one seed, the control and the odd run: 3 runs of 2 tiny rounds, all at once
-        if base is None:
-            base = os.path.join(work, "cache", digits.BASE_NAME)
-            if not os.path.isdir(base):
-                digits.build_digits_base(base, mini=True, progress=False)
+        base = base or mini_digits_base(work)
         extra = {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
                  "num_sampling_steps": 2}
         args.num_eval, args.eval_steps, args.jobs = 16, 2, 3

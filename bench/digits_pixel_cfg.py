@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from bench.digits_pixel_sweep import (EVEN, GRID_SIDE, W2_LAST_ROUNDS, Hyper, add_run_arguments, entropy_ln5, fine_tune,
-                                      markdown_table, mean_spread, run_jobs, trainer_config, update_results,
-                                      write_grid)  # fmt: skip
+                                      run_jobs, trainer_config, write_grid)  # fmt: skip
+from bench import markdown_table
+from bench.sweep import finish_run, mean_spread, run_job_file, update_results, write_group_grids
 
 BEGIN = "<!-- digits_pixel_cfg: begin (written by python -m bench.digits_pixel_cfg) -->"
 END = "<!-- digits_pixel_cfg: end -->"
@@ -121,10 +122,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "rounds": len(rows),
         "train_seconds": train_seconds,
     }
-    torch.save(images[: GRID_SIDE**2], os.path.join(out_dir, "eval_grid.pt"))
-    with open(os.path.join(out_dir, "sweep_result.json"), "w") as f:
-        json.dump(result, f)
-    return result
+    return finish_run(out_dir, result, images[: GRID_SIDE**2])
 
 
 def summary_line(result: dict) -> str:
@@ -159,19 +157,11 @@ def table(results: list[dict], base_reports: dict[float, dict]) -> list[list[str
 
 
 def write_grids(results: list[dict], base_images: dict[float, Any], img_dir: str, work: str) -> dict[str, str]:
-    import torch
-
     files = {}
     for g, images in base_images.items():
         files[f"base, guidance {g:g}"] = f"pixel_cond_base_g{g:g}.png"
         write_grid(images, os.path.join(img_dir, files[f"base, guidance {g:g}"]))
-    for r in results:
-        group = r["spec"]["group"]
-        if group not in files:
-            name = "pixel_cond_" + r["spec"]["name"].rsplit("-s", 1)[0].replace(".", "p") + ".png"
-            write_grid(torch.load(os.path.join(work, r["spec"]["name"], "eval_grid.pt")), os.path.join(img_dir, name))
-            files[group] = name
-    return files
+    return write_group_grids(results, work, img_dir, "pixel_cond_", write_grid, files)
 
 
 def section_markdown(rows: list[list[str]], grids: dict[str, str], img_rel: str, command: str, settings: str,
@@ -210,9 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.guidance <= 1:
         parser.error(f"--guidance: {args.guidance:g} must be > 1 (guidance 1 is always run)")
     if args.one:
-        with open(args.one) as f:
-            run_one(json.load(f))
-        return 0
+        return run_job_file(args.one, run_one)
     import torch
 
     torch.set_num_threads(args.threads)

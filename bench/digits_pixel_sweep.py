@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from bench.common import REPO, run_child_jobs
+from bench import REPO, markdown_table
+from bench.sweep import finish_run, mean_spread, run_child_jobs, run_job_file, update_results, write_group_grids
 
 EVEN = (0, 2, 4, 6, 8)
 BEGIN = "<!-- digits_pixel_sweep: begin (written by python -m bench.digits_pixel_sweep) -->"
@@ -162,10 +163,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "samples_seen": rows[-1]["samples_seen"],
         "train_seconds": train_seconds,
     }
-    torch.save(images[: GRID_SIDE**2], os.path.join(out_dir, "eval_grid.pt"))
-    with open(os.path.join(out_dir, "sweep_result.json"), "w") as f:
-        json.dump(result, f)
-    return result
+    return finish_run(out_dir, result, images[: GRID_SIDE**2])
 
 
 def job_for(spec: Any, args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> dict[str, Any]:
@@ -211,14 +209,6 @@ def summary_line(result: dict) -> str:
             f"{r['relative_confident_share']:.2f}, W2 {result['w2_final']:.4f}, {result['train_seconds']:.0f} s")
 
 
-def mean_spread(values: list[float], digits: int) -> str:
-    """``mean ± half the range`` over seeds (just the mean for one seed)."""
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
-
-
 def group_stats(results: list[dict]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[dict]] = {}
     for r in results:
@@ -255,11 +245,6 @@ def per_seed_table(results: list[dict]) -> list[list[str]]:
                      f"{rep['relative_confident_share']:.2f}", f"{r['w2_final']:.4f}", f"{r['reward']:.3f}",
                      " ".join(str(round(100 * h)) for h in rep["histogram"]), f"{r['train_seconds']:.0f}"])  # fmt: skip
     return rows
-
-
-def markdown_table(rows: list[list[str]]) -> list[str]:
-    head, *body = rows
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + ["| " + " | ".join(r) + " |" for r in body]
 
 
 def check_targets(stats: dict[str, dict[str, Any]], jobs: int = 2) -> tuple[list[str], dict[str, Any]]:
@@ -308,17 +293,9 @@ def write_grid(images: Any, path: str) -> str:
 
 def write_grids(results: list[dict], base_images: Any, img_dir: str, work: str) -> dict[str, str]:
     """One grid per group (its first seed) and one of the base; returns group -> file name."""
-    import torch
-
     files = {"base (no fine-tuning)": "pixel_digits_base.png"}
     write_grid(base_images, os.path.join(img_dir, files["base (no fine-tuning)"]))
-    for r in results:
-        group = r["spec"]["group"]
-        if group not in files:
-            name = "pixel_digits_" + r["spec"]["name"].rsplit("-s", 1)[0].replace(".", "p") + ".png"
-            write_grid(torch.load(os.path.join(work, r["spec"]["name"], "eval_grid.pt")), os.path.join(img_dir, name))
-            files[group] = name
-    return files
+    return write_group_grids(results, work, img_dir, "pixel_digits_", write_grid, files)
 
 
 def section_markdown(rows: list[list[str]], seed_rows: list[list[str]], targets: list[str], grids: dict[str, str],
@@ -348,31 +325,6 @@ def section_markdown(rows: list[list[str]], seed_rows: list[list[str]], targets:
 
 
 DISCUSSION_MARK = "### Discussion (pixel base)"
-NO_DISCUSSION = "<!-- written by hand; kept when the script rewrites this section -->"
-
-
-def update_results(path: str, section_of: Any, begin: str = BEGIN, end: str = END,
-                   discussion_mark: str = DISCUSSION_MARK) -> None:  # fmt: skip
-    """Replace the section between ``begin`` and ``end`` in ``path`` (append it if absent); keep its
-    hand-written discussion, the text after ``discussion_mark``. ``section_of(discussion) -> markdown``."""
-    old = ""
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-    discussion = NO_DISCUSSION
-    if begin in old and end in old:
-        before, rest = old.split(begin, 1)
-        current, after = rest.split(end, 1)
-        if discussion_mark in current:
-            discussion = current.split(discussion_mark, 1)[1]
-        text = before + section_of(discussion).rstrip("\n") + after
-    else:
-        text = old.rstrip("\n") + ("\n\n" if old else "") + section_of(discussion)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def true_or_false(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
@@ -414,9 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report_only and not args.work_dir:
         parser.error("--report_only needs --work_dir (the folder holding sweep_results.json)")
     if args.one:
-        with open(args.one) as f:
-            run_one(json.load(f))
-        return 0
+        return run_job_file(args.one, run_one)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -494,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return section_markdown(rows, per_seed_table(results), targets, grids, img_rel, command.strip(), settings,
                                     discussion)  # fmt: skip
 
-        update_results(args.output, section_of)
+        update_results(args.output, section_of, BEGIN, END, DISCUSSION_MARK)
     for line in targets:
         print(line)
     print(f"{len(results)}/{len(runs)} runs done in {time.perf_counter() - start:.0f} s; wrote {args.output} and "

@@ -9,6 +9,8 @@ import os
 import statistics
 from typing import Any, Optional
 
+from bench import markdown_table
+
 
 def _entropy_ln5(report: dict) -> float:
     return max(0.0, report["even_entropy"]) / math.log(5)
@@ -89,8 +91,6 @@ def check_guard_targets(results: list[dict], factor: float, rounds: int) -> tupl
 
 def guard_section_markdown(begin: str, end: str, rows: list[list[str]], targets: list[str], command: str,
                            settings: str, guard_settings: str, discussion: str, discussion_mark: str) -> str:  # fmt: skip
-    from bench.digits_pixel_sweep import markdown_table
-
     lines = [
         begin, "",
         "## Staying close on the pixel base: a W2 budget and a held-out judge", "",

@@ -2,6 +2,7 @@
 
     python -m bench.objective_comparison --seeds 0 1 2      # 2 objectives x 2 rewards x 3 seeds (~1 h on 2 cores)
     python -m bench.objective_comparison --quick            # plumbing only: the mini base, 2 rounds per run
+    python -m bench.objective_comparison --objectives flow_grpo --set kl_type=exact   # one objective, a setting changed
 
 ORW runs ``configs/digits_even.yaml`` and Flow-GRPO ``configs/digits_even_grpo.yaml`` (150 rounds of 32
 samples each), through the real training script, one fresh process per run (``bench.digits_alpha_sweep``'s
@@ -13,13 +14,15 @@ the fine-tuning never saw. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 from typing import Optional
 
+import yaml
+
 from bench.digits_alpha_sweep import RunSpec, run_all, target_entropy, target_share
+from bench.sweep import mini_digits_base
 
 OBJECTIVES = ("orw_cfm_w2", "flow_grpo")
 TARGETS = ("even", "odd")
@@ -61,6 +64,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the mini base, 2 rounds per run, 16 eval samples")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training override for every run, e.g. --set kl_type=exact (repeatable)")
     parser.add_argument("--level", type=float, default=0.9, help="reward level for the queries column")
     parser.add_argument("--num_eval", type=int, default=500)
     parser.add_argument("--eval_seed", type=int, default=1234)
@@ -78,19 +84,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     work = args.work_dir or tempfile.mkdtemp(prefix="objective-comparison-")
     extra: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
+        extra[key] = yaml.safe_load(value)
     base = args.base
     if args.quick:
-        if base is None:
-            base = os.path.join(work, "cache", digits.BASE_NAME)
-            if not os.path.isdir(base):
-                digits.build_digits_base(base, mini=True, progress=False)
-        extra = {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
-                 "num_sampling_steps": 4}  # fmt: skip
+        base = base or mini_digits_base(work)
+        # 6 steps: room for the Flow-GRPO config's window of 4 stochastic steps
+        extra |= {"num_epochs": 2, "images_per_prompt": 4, "sample_batch_size": 4, "train_batch_size": 4,
+                  "num_sampling_steps": 6}  # fmt: skip
         args.num_eval, args.eval_steps, args.seeds = 16, 2, args.seeds[:1]
     base = base or digits.ensure_digits_base()
     runs = [
         RunSpec(f"{objective}-{target}-s{seed}", objective, 0.1, seed, target=target, objective=objective)
-        for seed in args.seeds for target in args.targets for objective in OBJECTIVES
+        for seed in args.seeds for target in args.targets for objective in args.objectives
     ]  # fmt: skip
     results = run_all(runs, args, base, work, extra)
     pipe = digits.load_digits_pipeline(base)

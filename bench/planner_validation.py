@@ -10,16 +10,22 @@ estimates the same three quantities from its traces (training: gradients and the
 prompt embeddings included).
 
     python -m bench.planner_validation [--quick] [--reps N]
+
+Each measurement runs in a fresh process (``--child NAME``), since the kernel's peak-RSS mark cannot go
+below what earlier work in the process left resident; with --quick they run in this process instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
 from typing import Optional, Sequence
 
 import torch
 
-from bench.common import ModelSpec, Section, Stat, fixed_round, load_note, saved_pipeline
-from bench.rss import MeasuredInChildren, peak_rss_of, start_measuring
+from bench.common import (MMAP_THRESHOLD, ModelSpec, Section, Stat, fixed_round, load_note, parser, run_child, run_main,
+                          saved_pipeline, set_threads)  # fmt: skip
 
 CONFIGS = {
     "A: 2 layers, hidden 128, 128 px": ModelSpec(layers=2, heads=2, head_dim=64, latent_size=16),
@@ -42,9 +48,32 @@ def _configs(quick: bool) -> dict[str, ModelSpec]:
     return QUICK_CONFIGS if quick else CONFIGS
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def peak_rss_increase(fn) -> int:
+    """Bytes: the kernel's peak-RSS mark (VmHWM, reset to the current RSS just before) after ``fn()``,
+    less the RSS before it (getrusage's ru_maxrss cannot be reset, hence a fresh process per measurement)."""
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): no valid measurement") from e
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
 def measure(spec: ModelSpec) -> dict[str, int]:
     """Peak-RSS increase of each phase in this process (bytes); run it in a fresh process."""
-    start_measuring()
+    set_threads(1)
+    try:  # what MALLOC_MMAP_THRESHOLD_ in run_child's environment does, for this already running process
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
     overrides = dict(num_sampling_steps=1, rank=RANK, max_sequence_length=MAX_SEQUENCE_LENGTH)
     with fixed_round(spec, num_prompts=1, batch=BATCH, **overrides) as rnd:
         trainer, rollout = rnd.trainer, rnd.rollout
@@ -57,12 +86,8 @@ def measure(spec: ModelSpec) -> dict[str, int]:
         for phase, call in calls.items():
             with torch.no_grad() if phase == "decode" else torch.enable_grad():
                 call()  # warm-up: optimizer state, lazy initialisation
-                rss = peak_rss_of(call, require_reset=True)
-                out_bytes[phase] = rss.peak - rss.before
+                out_bytes[phase] = peak_rss_increase(call)
     return out_bytes
-
-
-CHILDREN = MeasuredInChildren("bench.planner_validation", lambda name, quick: measure(_configs(quick)[name]))
 
 
 def estimate(spec: ModelSpec) -> dict[str, int]:
@@ -71,24 +96,10 @@ def estimate(spec: ModelSpec) -> dict[str, int]:
 
     path = saved_pipeline(spec)
     planner = MemoryPlanner(load_model_configs(path))
-    s = PlanSettings(
-        model=path,
-        resolution=spec.resolution,
-        train_batch_size=BATCH,
-        sample_batch_size=BATCH,
-        samples_per_process=BATCH,
-        rank=RANK,
-        mixed_precision="no",
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        guidance_scale=4.5,
-        reference_pass=True,
-        rewards=(),
-    )
-    return {
-        "train": planner.train_step_peak(s),
-        "sample": planner.sample_step_peak(s),
-        "decode": planner.decode_peak(s),
-    }
+    s = PlanSettings(model=path, resolution=spec.resolution, train_batch_size=BATCH, sample_batch_size=BATCH,
+                     samples_per_process=BATCH, rank=RANK, mixed_precision="no", max_sequence_length=MAX_SEQUENCE_LENGTH,
+                     guidance_scale=4.5, reference_pass=True, rewards=())  # fmt: skip
+    return {"train": planner.train_step_peak(s), "sample": planner.sample_step_peak(s), "decode": planner.decode_peak(s)}
 
 
 def run(quick: bool = False, reps: int = 3) -> Section:
@@ -98,19 +109,15 @@ def run(quick: bool = False, reps: int = 3) -> Section:
         saved_pipeline(spec)  # built once, outside the children
     for _ in range(reps):
         for name in configs:
-            measured[name].append(CHILDREN.result(name, quick))
+            if quick:  # in this process: enough to check that it runs
+                measured[name].append(measure(configs[name]))
+            else:
+                measured[name].append(run_child("bench.planner_validation", ["--child", name]))
     mib = 1 / 2**20
-    table = [
-        [
-            "config",
-            "phase",
-            "planner estimate, MiB",
-            "measured peak increase, MiB, median (min–max)",
-            "error",
-            "target",
-            "met",
-        ]
-    ]
+    table = [["config", "phase", "planner estimate, MiB", "measured peak increase, MiB, median (min–max)", "error",
+              "target", "met"]]  # fmt: skip
+    labels = {"train": f"training micro-batch of {BATCH}", "sample": f"Euler step, batch {BATCH} (x2 CFG)",
+              "decode": f"VAE decode of {BATCH}"}  # fmt: skip
     errors = []
     for name, spec in configs.items():
         est = estimate(spec)
@@ -118,22 +125,8 @@ def run(quick: bool = False, reps: int = 3) -> Section:
             m = Stat([r[phase] for r in measured[name]])
             error = est[phase] / m.median - 1 if m.median > 0 else float("nan")  # --quick: below page size
             errors.append(abs(error))
-            label = {
-                "train": f"training micro-batch of {BATCH}",
-                "sample": f"Euler step, batch {BATCH} (x2 CFG)",
-                "decode": f"VAE decode of {BATCH}",
-            }[phase]
-            table.append(
-                [
-                    name,
-                    label,
-                    f"{est[phase] * mib:.1f}",
-                    m.fmt(1, mib),
-                    f"{error:+.1%}",
-                    f"±{TARGET:.0%}",
-                    "yes" if abs(error) <= TARGET else "**no**",
-                ]
-            )
+            table.append([name, labels[phase], f"{est[phase] * mib:.1f}", m.fmt(1, mib), f"{error:+.1%}",
+                          f"±{TARGET:.0%}", "yes" if abs(error) <= TARGET else "**no**"])  # fmt: skip
     met = all(e <= TARGET for e in errors)
     notes = [
         f"fp32 on CPU, 1 thread, LoRA rank {RANK} on the attention projections, {MAX_SEQUENCE_LENGTH} zero T5 tokens + "
@@ -145,17 +138,18 @@ def run(quick: bool = False, reps: int = 3) -> Section:
         "operator lists than CUDA's).",
         load_note(),
     ]
-    return Section(
-        "Memory planner: estimate vs. measurement",
-        "python -m bench.planner_validation",
-        table,
-        notes,
-        {"max_abs_error": max(errors), "errors": errors, "met": met},
-    )
+    return Section("Memory planner: estimate vs. measurement", "python -m bench.planner_validation", table, notes,
+                   {"max_abs_error": max(errors), "errors": errors, "met": met})  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return CHILDREN.main(run, __doc__, argv, default_reps=3)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--child", choices=sorted(CONFIGS) + sorted(QUICK_CONFIGS), help="(internal) measure one, print JSON")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure({**CONFIGS, **QUICK_CONFIGS}[args.child])))
+        return 0
+    return run_main(run, __doc__, argv, default_reps=3, p=p)
 
 
 if __name__ == "__main__":

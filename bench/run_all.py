@@ -15,124 +15,62 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from bench.common import REPO, Section, child_env, machine_info
+from bench import REPO, markdown_table
+from bench.common import Section, child_env, machine_info
 
-# (module, the promise it checks); order = order in the document
-BENCHMARKS: dict[str, str] = {
-    "w2_overhead": "the W2 regulariser costs one forward pass without gradient",
-    "cfg_training": "training the guided field costs about 2x the conditional step",
-    "reference_memory": "the W2 regulariser needs no memory for a second model",
-    "round_efficiency": "the time of a round goes to the models, not to our code",
-    "sampler_vs_diffusers": "our sampler is at least as fast as Diffusers' pipeline",
-    "text_encoder_calls": "prompt embeddings are computed once per unique prompt",
-    "two_processes": "Accelerate scales the same script to more processes",
-    "planner_validation": "one 24 GB A10 is enough for SD3.5-Medium (via the memory planner, validated here)",
-}
-
-
-def _met(r: dict) -> bool:
-    return r["met"]
-
-
-@dataclass(frozen=True)
-class Headline:
-    """A benchmark's row of the summary, from the ``results`` of its section."""
-
-    figure: str
-    target: str
-    measured: Callable[[dict], str]
-    met: Callable[[dict], bool] = _met
-
-
-def _round_efficiency_measured(r: dict) -> str:
-    of_medians = f"; {r['overhead_of_medians']:.1%} from the medians" if "overhead_of_medians" in r else ""
-    return f"{r['overhead']:.1%} per repetition{of_medians}"
-
-
-HEADLINES: dict[str, Headline] = {
-    "w2_overhead": Headline(
-        "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)",
-        "≤ floor × 1.05",
-        lambda r: f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})",
-    ),
-    "cfg_training": Headline(
-        "optimisation step, guided field / conditional branch", "≈ 2", lambda r: f"{r['step_ratio']:.3f}",
-        lambda r: True,
-    ),
-    "reference_memory": Headline(
-        "peak memory of a step with / without the reference pass",
-        "≤ 1.05",
-        lambda r: f"{r['adapters_off']:.3f} (deep-copied reference: {r['deep_copy']:.3f})",
-    ),
-    "round_efficiency": Headline("round time / sum of its model computations − 1", "≤ 10%", _round_efficiency_measured),
-    "sampler_vs_diffusers": Headline(
-        "images/s ours / StableDiffusion3Pipeline", "≥ 1.0", lambda r: f"{r['speedup']:.3f}"
-    ),
-    "text_encoder_calls": Headline(
-        "text-encoder calls per round, 64 prompts x 4 images",
-        "0 after the first encoding",
-        lambda r: f"{r['cached_per_round']} (without the cache: {r['naive_per_round']})",
-        lambda r: r["cached_per_round"] == 0,
-    ),
-    "two_processes": Headline(
-        "samples/s, 2 processes / 1 process",
-        "≥ 1.7",
-        lambda r: (
-            f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
-            f"{r.get('cpu_speedup', float('nan')):.2f} in CPU time (a core per process)"
-        ),
-    ),
-    "planner_validation": Headline(
-        "planner activation estimate vs. measured peak (3 configs)",
-        "within ±20%",
-        lambda r: f"worst {r['max_abs_error']:.1%}",
-    ),
-}
+# module -> (the promise it checks, the summary's figure, target, and measured value from its results);
+# order = order in the document. Met: the section's results["met"].
+BENCHMARKS: dict[str, tuple[str, str, str, Callable[[dict], str]]] = {
+    "w2_overhead": (
+        "the W2 regulariser costs one forward pass without gradient",
+        "step time W2 / no W2, against the floor (fwd+bwd+fwd_ref)/(fwd+bwd)", "≤ floor × 1.05",
+        lambda r: f"{r['step_ratio']:.3f} vs floor {r['floor']:.3f} (×{r['excess']:.3f})"),
+    "round_efficiency": (
+        "the time of a round goes to the models, not to our code", "round time / sum of its model computations − 1",
+        "≤ 10%", lambda r: f"{r['overhead']:.1%} per repetition; {r['overhead_of_medians']:.1%} from the medians"),
+    "sampler_vs_diffusers": (
+        "our sampler is at least as fast as Diffusers' pipeline", "images/s ours / StableDiffusion3Pipeline", "≥ 1.0",
+        lambda r: f"{r['speedup']:.3f}"),
+    "two_processes": (
+        "Accelerate scales the same script to more processes", "samples/s, 2 processes / 1 process", "≥ 1.7",
+        lambda r: f"{r['speedup']:.2f} wall-clock with a load average of {r['load']:.1f} on 2 cores; "
+                  f"{r['cpu_speedup']:.2f} in CPU time (a core per process)"),
+    "planner_validation": (
+        "one 24 GB A10 is enough for SD3.5-Medium (via the memory planner, validated here)",
+        "planner activation estimate vs. measured peak (3 configs)", "within ±20%",
+        lambda r: f"worst {r['max_abs_error']:.1%}"),
+}  # fmt: skip
 
 
 def _summary_rows(sections: dict[str, dict]) -> list[list[str]]:
     rows = [["promise", "figure", "target", "measured (median)", "met"]]
-    for name, promise in BENCHMARKS.items():
+    for name, (promise, figure, target, measured) in BENCHMARKS.items():
         r = sections.get(name, {}).get("results")
         if r:
-            h = HEADLINES[name]
-            rows.append([promise, h.figure, h.target, h.measured(r), "yes" if h.met(r) else "**no**"])
+            rows.append([promise, figure, target, measured(r), "yes" if r["met"] else "**no**"])
     return rows
 
 
 def render(sections: dict[str, dict], machine: str, quick: bool) -> str:
     lines = [
-        "# Benchmarks",
-        "",
+        "# Benchmarks", "",
         "Each promise of the design, measured as a ratio in one run on a small CPU machine. The model is a "
         "scaled-down SD3 transformer with SD3.5's shape (16 latent channels, patch 2, RMS q/k norm, a dual-attention "
         "layer, 77 CLIP + zero T5 context tokens), built in code and loaded with `from_pretrained`; nothing is "
         "downloaded. Ratios are taken per repetition (the compared variants interleaved, order rotated) and "
-        "reported as median (min–max), because the machine was shared with other jobs.",
-        "",
-        f"Machine: {machine}.",
-        "",
+        "reported as median (min–max), because the machine was shared with other jobs.", "",
+        f"Machine: {machine}.", "",
         "Reproduce everything: `python -m bench.run_all` (rewrites this file). Benchmarks are scripts, not tests: "
-        "`tests/test_bench.py` only checks that each one runs (`--quick`).",
-        "",
-    ]
+        "`tests/test_bench.py` only checks that each one runs (`--quick`).", "",
+    ]  # fmt: skip
     if quick:
         lines += ["**This file was written by a `--quick` smoke run: the numbers are meaningless.**", ""]
-    head, *rows = _summary_rows(sections)
-    lines += ["## Summary", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines.append("")
-    lines.append(
-        "The A10 statement itself is the memory planner's, whose activation model the last section validates: "
-        "see [memory.md](memory.md)."
-    )
-    lines.append("")
-    for name in BENCHMARKS:
-        if name in sections:
-            lines.append(Section(**sections[name]).markdown())
+    lines += ["## Summary", "", *markdown_table(_summary_rows(sections)), "",
+              "The A10 statement itself is the memory planner's, whose activation model the last section validates: "
+              "see [memory.md](memory.md).", ""]  # fmt: skip
+    lines += [Section(**sections[name]).markdown() for name in BENCHMARKS if name in sections]
     return "\n".join(lines)
 
 
@@ -153,9 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = os.path.join(args.results, f"{name}.json")
         cmd = [sys.executable, "-m", f"bench.{name}", "--json", result] + (["--quick"] if args.quick else [])
         print(f"running {' '.join(cmd[1:])}", flush=True)
-        env = child_env()
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the memory benchmarks set it in their own children
-        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        subprocess.run(cmd, cwd=REPO, env=child_env(), check=True)  # the memory benchmark sets glibc up in its children
     sections = {}
     for name in BENCHMARKS:
         path = os.path.join(args.results, f"{name}.json")

@@ -47,16 +47,10 @@ def run(quick: bool = False, reps: int = 5) -> Section:
 
     def diffusers_call() -> None:
         results["diffusers"] = pipe(
-            prompt=batch_prompts,
-            negative_prompt=[negative] * batch,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=spec.resolution,
-            width=spec.resolution,
-            latents=noise.clone(),
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            prompt=batch_prompts, negative_prompt=[negative] * batch, num_inference_steps=steps, guidance_scale=guidance,
+            height=spec.resolution, width=spec.resolution, latents=noise.clone(), max_sequence_length=MAX_SEQUENCE_LENGTH,
             output_type="pt",
-        ).images
+        ).images  # fmt: skip
 
     family.transformer.eval()
     times = interleaved({"ours": ours, "diffusers": diffusers_call}, reps=reps)
@@ -66,23 +60,11 @@ def run(quick: bool = False, reps: int = 5) -> Section:
     met = speedup.median >= TARGET
     table = [
         ["sampler", "images/s, median (min–max)", "seconds per batch", "speed vs. Diffusers", "target", "met"],
-        [
-            "**ours**: PromptCache + sample_ode + family.decode",
-            ips["ours"].fmt(3),
-            Stat(times["ours"]).fmt(3),
-            speedup.fmt(3),
-            f"≥ {TARGET:.1f}",
-            "yes" if met else "**no**",
-        ],
-        [
-            "StableDiffusion3Pipeline.__call__ (output_type='pt')",
-            ips["diffusers"].fmt(3),
-            Stat(times["diffusers"]).fmt(3),
-            "1",
-            "",
-            "",
-        ],
-    ]
+        ["**ours**: PromptCache + sample_ode + family.decode", ips["ours"].fmt(3), Stat(times["ours"]).fmt(3),
+         speedup.fmt(3), f"≥ {TARGET:.1f}", "yes" if met else "**no**"],
+        ["StableDiffusion3Pipeline.__call__ (output_type='pt')", ips["diffusers"].fmt(3),
+         Stat(times["diffusers"]).fmt(3), "1", "", ""],
+    ]  # fmt: skip
     notes = [
         f"{spec.describe()}; batch {batch}, {steps} steps, guidance {guidance} (CFG: one batched forward of "
         f"{2 * batch}), {spec.resolution} px, fp32, no T5 ({MAX_SEQUENCE_LENGTH} zero context tokens), 1 thread; the "
@@ -94,18 +76,11 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         *timing_notes(),
     ]
     if not met:
-        notes.append(
-            f"Target missed by {1 - speedup.median:.1%}, well inside the spread of the repetitions: both sides do the "
-            f"same transformer and VAE work (identical images), and what the cache saves here is tiny, so this is "
-            f"parity; the difference cannot be resolved on this shared machine."
-        )
-    return Section(
-        "Sampler vs. Diffusers",
-        "python -m bench.sampler_vs_diffusers",
-        table,
-        notes,
-        {"speedup": speedup.median, "max_abs_diff": max_diff, "met": met},
-    )
+        notes.append(f"Target missed by {1 - speedup.median:.1%}, well inside the spread of the repetitions: both sides "
+                     "do the same transformer and VAE work (identical images), and what the cache saves here is tiny, "
+                     "so this is parity; the difference cannot be resolved on this shared machine.")  # fmt: skip
+    return Section("Sampler vs. Diffusers", "python -m bench.sampler_vs_diffusers", table, notes,
+                   {"speedup": speedup.median, "max_abs_diff": max_diff, "met": met})  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

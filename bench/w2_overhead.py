@@ -16,17 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (
-    Section,
-    Stat,
-    Stopwatch,
-    bench_spec,
-    fixed_round,
-    interleaved,
-    ratios,
-    run_main,
-    timing_notes,
-)
+from bench.common import Section, Stat, Stopwatch, bench_spec, fixed_round, interleaved, ratios, run_main, timing_notes
 
 TARGET = 0.05  # the measured ratio may exceed the floor by at most 5%
 
@@ -36,8 +26,8 @@ def run(quick: bool = False, reps: int = 7) -> Section:
     from orw_diffusers.flow import interpolate, target_velocity
 
     spec = bench_spec(quick)
-    # 2 prompts x 2 images, micro-batches of 2: optimise() runs 2 micro-batches per call
-    # the conditional branch: the floor below is of single-branch passes (bench.cfg_training measures guidance)
+    # 2 prompts x 2 images, micro-batches of 2: optimise() runs 2 micro-batches per call; the conditional
+    # branch: the floor below is of single-branch passes
     with fixed_round(spec, num_prompts=2, cfg_training="conditional") as rnd:
         trainer, rollout = rnd.trainer, rnd.rollout
         n_micro = trainer.sizes.micro_batches_per_process
@@ -71,16 +61,9 @@ def run(quick: bool = False, reps: int = 7) -> Section:
             with lora.reference(trainer.unwrapped):
                 pass
 
-        times = interleaved(
-            {
-                "w2": lambda: optimise(1.0),
-                "no_w2": lambda: optimise(0.0),
-                "fb": forward_backward,
-                "ref": reference_forward,
-                "toggle": toggle_adapters,
-            },
-            reps=reps,
-        )
+        variants = {"w2": lambda: optimise(1.0), "no_w2": lambda: optimise(0.0), "fb": forward_backward,
+                    "ref": reference_forward, "toggle": toggle_adapters}  # fmt: skip
+        times = interleaved(variants, reps=reps)
     step_ratio = ratios(times["w2"], times["no_w2"])
     floor = ratios([f + r for f, r in zip(times["fb"], times["ref"])], times["fb"])
     excess = ratios(step_ratio.values, floor.values)
@@ -90,15 +73,16 @@ def run(quick: bool = False, reps: int = 7) -> Section:
     ms = 1000.0
     table = [
         ["figure", "median (min–max)", "target", "met"],
-        ["optimise() with W2, s per call", f"{_s(times['w2'])}", "", ""],
-        ["optimise() without W2, s per call", f"{_s(times['no_w2'])}", "", ""],
-        ["training fwd+bwd alone, ms / micro-batch", _s(times["fb"], ms, 1), "", ""],
-        ["reference fwd (no grad, adapters off) alone, ms / micro-batch", _s(times["ref"], ms, 1), "", ""],
+        ["optimise() with W2, s per call", Stat(times["w2"]).fmt(3), "", ""],
+        ["optimise() without W2, s per call", Stat(times["no_w2"]).fmt(3), "", ""],
+        ["training fwd+bwd alone, ms / micro-batch", Stat(times["fb"]).fmt(1, ms), "", ""],
+        ["reference fwd (no grad, adapters off) alone, ms / micro-batch", Stat(times["ref"]).fmt(1, ms), "", ""],
         ["**step ratio** W2 / no W2", step_ratio.fmt(3), f"≤ floor × {1 + TARGET:.2f}", "yes" if met else "**no**"],
         ["floor (fwd+bwd+fwd_ref) / (fwd+bwd)", floor.fmt(3), "", ""],
         ["step ratio / floor", excess.fmt(3), f"≤ {1 + TARGET:.2f}", "yes" if met else "**no**"],
         ["extra time of the W2 step / one reference fwd", extra.fmt(2), "≈ 1", ""],
-        ["lora.reference enter + exit (all adapters off and on), ms / micro-batch", _s(times["toggle"], ms, 2), "", ""],
+        ["lora.reference enter + exit (all adapters off and on), ms / micro-batch", Stat(times["toggle"]).fmt(2, ms), "",
+         ""],
     ]
     notes = [
         f"{spec.describe()}; batch of 2 per micro-batch, {n_micro} micro-batches per optimise() call, "
@@ -115,27 +99,12 @@ def run(quick: bool = False, reps: int = 7) -> Section:
         f"toggling only those costs about half of diffusers' disable_adapters/enable_adapters, which walk them all)."
     )
     if not met:
-        notes.append(
-            f"Target missed: the W2 step costs {extra.median:.2f} reference forwards instead of 1. The toggling "
-            f"above explains {toggle_share:.1%} of a forward; the rest is within the spread of this shared machine."
-        )
-    return Section(
-        "W2 overhead (optimisation step)",
-        "python -m bench.w2_overhead",
-        table,
-        notes,
-        {
-            "step_ratio": step_ratio.median,
-            "floor": floor.median,
-            "excess": excess.median,
-            "met": met,
-            "extra_per_ref_forward": extra.median,
-        },
-    )
-
-
-def _s(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
-    return Stat(list(values)).fmt(digits, scale)
+        notes.append(f"Target missed: the W2 step costs {extra.median:.2f} reference forwards instead of 1. The toggling "
+                     f"above explains {toggle_share:.1%} of a forward; the rest is within the spread of this shared "
+                     "machine.")  # fmt: skip
+    return Section("W2 overhead (optimisation step)", "python -m bench.w2_overhead", table, notes,
+                   {"step_ratio": step_ratio.median, "floor": floor.median, "excess": excess.median, "met": met,
+                    "extra_per_ref_forward": extra.median})  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,28 +1,23 @@
 """``orw-diffusers train|push|evaluate|memory ...``: one console script for the package's entry points.
 
-    orw-diffusers train --config run.yaml [--key value ...]    # one process; the same as the script below
+    orw-diffusers train --config run.yaml [--key value ...]    # one process: orw_diffusers.train
     orw-diffusers push OUTPUT_DIR [--hub_model_id name]          # upload (or retry uploading) a finished run
     orw-diffusers evaluate --lora OUTPUT_DIR ...                 # base vs fine-tuned report
     orw-diffusers memory --config run.yaml ...                   # will it fit? the memory planner
 
 Everything after the command goes to that entry point unchanged (``orw-diffusers memory --help``).
-Several processes or GPUs still go through ``accelerate launch train_scripts/train_orw_cfm_w2.py``.
+Several processes or GPUs go through ``accelerate launch -m orw_diffusers.train``.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
-
-#: command -> (the module whose ``main(argv)`` it runs, one line of help). "train" is the training script.
+#: command -> (the module whose ``main(argv)`` it runs, one line of help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train_scripts/train_orw_cfm_w2.py", "fine-tune a model (one process; see accelerate launch for more)"),
+    "train": ("orw_diffusers.train", "fine-tune a model (one process; see accelerate launch for more)"),
     "push": ("orw_diffusers.push", "upload a finished run to the Hub, or retry a failed upload"),
     "evaluate": ("orw_diffusers.evaluate", "compare the base and the fine-tuned model on prompts and rewards"),
     "memory": ("orw_diffusers.memory.cli", "estimate the memory of a run config and suggest what fits"),
@@ -37,23 +32,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _train_main() -> Callable[[list[str]], int]:
-    """The training script's ``main``, loaded from its file: ``train_scripts/`` is not a package."""
-    if not os.path.isfile(TRAIN_SCRIPT):
-        raise FileNotFoundError(
-            f"{TRAIN_SCRIPT} is missing: `orw-diffusers train` runs the training script of a source checkout "
-            f"(pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location("orw_diffusers_train_script", TRAIN_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.main
-
-
 def entry_point(command: str) -> Callable[[list[str]], Optional[int]]:
     """The ``main(argv)`` that ``command`` runs (imported only now: each entry point keeps its imports lazy)."""
-    if command == "train":
-        return _train_main()
     return importlib.import_module(COMMANDS[command][0]).main
 
 
@@ -71,12 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; accepted: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    try:
-        entry = entry_point(command)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    status = entry(rest)
+    status = entry_point(command)(rest)
     return int(status or 0)
 
 

@@ -91,9 +91,9 @@ class TrainConfig:
     tracker_run_name: Optional[str] = _help("Run name shown by the trackers (wandb). Default: the tracker's.", None)
     # --- precision, memory -------------------------------------------------------------------
     mixed_precision: Optional[str] = _help(
-        "'no', 'fp16' or 'bf16'. Frozen weights use this dtype; LoRA stays fp32. Default: Accelerate's "
-        "(`accelerate launch --mixed_precision`, its config file, or ACCELERATE_MIXED_PRECISION), else 'no'; "
-        "output_dir/config.yaml records the value the run used.",
+        "'no', 'fp16' or 'bf16'. Frozen weights use this dtype, trained ones stay fp32 (policy full: every weight). "
+        "Default: Accelerate's (`accelerate launch --mixed_precision`, its config file, or "
+        "ACCELERATE_MIXED_PRECISION), else 'no'; output_dir/config.yaml records the value the run used.",
         None,
     )
     gradient_checkpointing: bool = _help("Recompute transformer activations in backward to save memory.", False)
@@ -104,7 +104,7 @@ class TrainConfig:
         None,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    rank: int = _help("LoRA rank.", 32)
+    rank: int = _help("LoRA rank (policy lora).", 32)
     lora_alpha: Optional[float] = _help("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
     lora_target_modules: Optional[list[str]] = _help(
         "Module names to adapt (diffusers' lora_layers: one comma-separated string). Default: the family's "
@@ -113,7 +113,9 @@ class TrainConfig:
     )
     lora_dropout: float = _help("Dropout probability of the trained LoRA layers (peft's lora_dropout).", 0.0)
     # --- optimisation ------------------------------------------------------------------------
-    learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", 1e-4)
+    learning_rate: float = _help(
+        "AdamW learning rate of the trained weights (the LoRA, or every weight with policy full).", 1e-4
+    )
     lr_warmup_steps: int = _help("Linear warmup in optimizer steps, then constant.", 0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables clipping).", 1.0)
     adam_beta1: float = _help("AdamW beta1.", 0.9)
@@ -176,11 +178,17 @@ class TrainConfig:
     adv_clip_max: float = _help("Advantages are clipped to +-adv_clip_max.", 5.0)
     clip_range: float = _help("epsilon of the clipped ratio clip(rho, 1 - epsilon, 1 + epsilon).", 1e-4)
     kl_beta: float = _help(
-        "Weight of the KL of each trained step's transition to the adapter-free reference's. 0: no reference pass.",
+        "Weight of the KL of each trained step's transition to the reference's (the base model). 0: no reference pass.",
         0.04,
     )
+    kl_type: str = _help(
+        "The KL's scale: 'flow_grpo' (mean squared gap of the two transition means over 2 (a sqrt(sigma/(1-sigma)))^2, "
+        "as Flow-GRPO's code, so its kl_beta values carry over) or 'exact' (over 2 std^2, the KL of the two Gaussian "
+        "steps: larger by 1 / (sigma - sigma_next) with sde_type: sde; the same with cps).",
+        "flow_grpo",
+    )
     # --- rollouts and optimisation (every objective) ------------------------------------------
-    sampler_update_interval: int = _help("Copy the trained adapter into the sampler every N rounds.", 1)
+    sampler_update_interval: int = _help("Copy the trained weights into the sampler every N rounds.", 1)
     num_sampling_steps: int = _help(
         "ODE steps when sampling a round's images. Too few feed the solver's error back into training.",
         20,
@@ -272,7 +280,7 @@ class TrainConfig:
         10,
     )
     validation_prompts: Optional[list[str]] = _help(
-        "Prompts rendered with fixed noise by the sampler adapter before training and every validation_interval "
+        "Prompts rendered with fixed noise by the sampler before training and every validation_interval "
         "rounds, to output_dir/samples/validation_XXXX.png (XXXX = rounds trained) and the tracker. diffusers' "
         "validation_prompt (one prompt) is read as a one-item list.",
         None,
@@ -570,7 +578,8 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """``--config run.yaml [--key value ...]``: the YAML first, then the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description="ORW-CFM-W2 LoRA fine-tuning.")
+    description = "Fine-tune a flow-matching model towards a reward (ORW-CFM-W2, Flow-GRPO or DiffusionNFT)."
+    parser = argparse.ArgumentParser(add_help=True, allow_abbrev=False, description=description)
     parser.add_argument("--config", default=None, help="YAML run config; any key can be overridden with --key value")
     args, rest = parser.parse_known_args(argv)
     values = apply_aliases(load_yaml(args.config)) if args.config else {}

@@ -3,7 +3,7 @@
     python -m orw_diffusers.demo [--config configs/digits_even.yaml] [--output_dir outputs/digits-even]
 
 1. builds (or reuses) the digits base, a real ``StableDiffusion3Pipeline`` (``orw_diffusers.digits``);
-2. runs ``accelerate launch train_scripts/train_orw_cfm_w2.py --config configs/digits_even.yaml``;
+2. runs ``accelerate launch -m orw_diffusers.train --config configs/digits_even.yaml``;
 3. samples the base and the fine-tuned pipeline from the same seeds with plain diffusers
    (``load_lora_weights``) and judges both with a classifier the fine-tuning never saw;
 4. prints before -> after and writes ``before_after.png`` and ``curves.png`` into the output dir.
@@ -24,7 +24,6 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
-TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_orw_cfm_w2.py")
 
 
 def train(config: str, base: str, output_dir: str, extra: list[str], threads: int) -> float:
@@ -32,7 +31,7 @@ def train(config: str, base: str, output_dir: str, extra: list[str], threads: in
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [
         accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", TRAIN_SCRIPT, "--config", config,
+        "--dynamo_backend", "no", "-m", "orw_diffusers.train", "--config", config,
         "--pretrained_model_name_or_path", base, "--output_dir", output_dir, *extra,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)

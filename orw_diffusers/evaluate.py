@@ -5,8 +5,8 @@
         [--eval_reward pickscore] [--num_images_per_prompt 4] [--seed 0] [--output_dir eval] [--num_inference_steps 28] \
         [--guidance_scale 4.5] [--resolution 512] [--max_sequence_length 256]
 
-Writes to ``--output_dir``: ``comparison.png`` (one row per prompt: base images, then fine-tuned
-images, each captioned with its reward), ``report.md`` and ``report.json`` (reward mean ± std per
+Writes to ``--output_dir``: ``comparison.png`` (per prompt, a row of base images labelled "i base"
+above the fine-tuned images from the same seeds, "i fine-tuned"; each captioned with its reward), ``report.md`` and ``report.json`` (reward mean ± std per
 reward, the held-out judges of ``--eval_reward`` (default: the run's ``eval_reward``), diversity, and each
 prompt's mean reward base -> fine-tuned) and, when the LoRA directory has
 a ``metrics.jsonl``, ``curves.png`` (reward and W2 curves of the run). The markdown table is also printed.
@@ -121,12 +121,11 @@ def load_lora(pipe: Any, lora: str) -> None:
 @torch.no_grad()
 def generate(pipe: Any, prompts: list[str], n: int, seed: int, call_kwargs: dict[str, Any]) -> torch.Tensor:
     """Images [len(prompts) * n, 3, H, W] in [0, 1], prompt-major; image j of prompt i from generator (seed, i, j)."""
-    from tqdm.auto import tqdm
-
     from .flow import sample_generator
+    from .progress import progress_bar
 
     out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="generating", leave=False)):
+    for i, prompt in enumerate(progress_bar(prompts, desc="generating", leave=False)):
         generators = [sample_generator(seed, i, j) for j in range(n)]
         result = pipe(prompt=prompt, num_images_per_prompt=n, generator=generators, output_type="pt", **call_kwargs)
         out.append(result.images.float().cpu())
@@ -222,9 +221,9 @@ def report_markdown(report: dict) -> str:
     lines.append(f"| diversity ({d['space']}) | {d['base']:.4g} | {d['tuned']:.4g} | {d['tuned'] - d['base']:+.4g} |")
     lines += [
         "",
-        "## Mean reward per prompt (row of comparison.png)",
+        "## Mean reward per prompt (rows `i base` / `i fine-tuned` of comparison.png)",
         "",
-        "| row | prompt | base | fine-tuned |",
+        "| i | prompt | base | fine-tuned |",
         "|---|---|---|---|",
     ]
     for i, row in enumerate(report["per_prompt"]):
@@ -319,16 +318,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = build_report(args, prompts, base, tuned, space, held_out)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    # One row per prompt: its n base images, then its n fine-tuned images.
-    rows, captions = [], []
+    # Per prompt i: a row of its n base images ("i base") above its n fine-tuned ones ("i fine-tuned").
+    rows, captions, labels = [], [], []
     for i in range(len(prompts)):
         part = slice(i * n, (i + 1) * n)
         rows += [base_images[part], tuned_images[part]]
-        captions += [f"base {r:.3g}" for r in base.total[part].tolist()]
-        captions += [f"tuned {r:.3g}" for r in tuned.total[part].tolist()]
-    save_image(
-        image_grid(torch.cat(rows), ncols=2 * n, captions=captions), os.path.join(args.output_dir, "comparison.png")
-    )
+        captions += [f"{r:.3g}" for r in torch.cat([base.total[part], tuned.total[part]]).tolist()]
+        labels += [f"{i} base", f"{i} fine-tuned"]
+    grid = image_grid(torch.cat(rows), ncols=n, captions=captions, row_labels=labels)
+    save_image(grid, os.path.join(args.output_dir, "comparison.png"))
     metrics_rows = find_metrics(args.lora)
     if metrics_rows:
         try:

@@ -27,12 +27,13 @@ import yaml
 
 from .checkpoint import LORA_WEIGHTS_NAME
 from .errors import ConfigError
+from .objectives import objective_class
 from .models.velocity import VELOCITY_KIND, VELOCITY_LORA_NAME, WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY
 from .policies.full import FULL_WEIGHTS_NAME
 
 CARD_NAME = "README.md"
 #: diffusers' LoRA training scripts tag their cards ``diffusers-training``, ``lora`` and ``template:sd-lora``
-CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora", "orw-cfm-w2"]
+CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora"]
 #: a pipeline class (``model_index.json``'s ``_class_name``) -> the family's Hub tags
 FAMILY_TAGS = {"StableDiffusion3Pipeline": ["sd3"], "FluxPipeline": ["flux"]}
 #: a finished run's weights, one of: a pipeline's LoRA (diffusers' format), a velocity model's LoRA
@@ -98,8 +99,7 @@ class RunSummary:
 
     base_model: str
     reward: Any
-    w2_coefficient: Optional[float]
-    temperature: Optional[float]
+    objective: str  # the run's ``objective``: the card's title, text and settings rows are the objective's
     rounds: int
     samples_seen: int
     first_reward: Optional[float] = None
@@ -217,8 +217,7 @@ def summarize_run(output_dir: str) -> RunSummary:
     return RunSummary(
         base_model=base,
         reward=config.get("reward"),
-        w2_coefficient=config.get("w2_coefficient"),
-        temperature=config.get("temperature"),
+        objective=str(config.get("objective", "orw_cfm_w2")),
         rounds=int(last["epoch"]) + 1 if "epoch" in last else 0,
         samples_seen=int(last.get("samples_seen", 0)),
         first_reward=rows[0].get("reward_mean") if rows else None,
@@ -277,15 +276,15 @@ def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> 
     the loading snippet of the run's weights (``summary.weights``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    base, weights = summary.base_model, summary.weights
+    base, weights, method = summary.base_model, summary.weights, objective_class(summary.objective)
     base_is_hub = not weights.velocity and _is_hub_id(base)
     what = "LoRA adapter" if weights.lora else "fine-tune"
     if weights.velocity:
-        tags = ["orw-cfm-w2", "flow-matching", "pytorch"] + (["lora"] if weights.lora else [])
+        tags = [method.card_tag, "flow-matching", "pytorch"] + (["lora"] if weights.lora else [])
         data = ModelCardData(pipeline_tag="unconditional-image-generation", tags=tags, widget=_widget(summary) or None)
     else:
         tags = list(CARD_TAGS if weights.lora else [t for t in CARD_TAGS if t not in ("lora", "template:sd-lora")])
-        tags += [t for t in summary.family_tags if t not in tags]
+        tags += [t for t in [method.card_tag, *summary.family_tags] if t not in tags]
         data = ModelCardData(
             base_model=base if base_is_hub else None,  # the Hub rejects a local path here
             library_name="diffusers",
@@ -311,8 +310,8 @@ def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> 
     rows = [
         ("base model", base_link),
         ("reward", f"`{_reward_text(summary.reward)}`"),
-        ("`w2_coefficient` (alpha)", _fmt(summary.w2_coefficient)),
-        ("`temperature` (tau)", _fmt(summary.temperature)),
+        ("objective", f"{method.title} (`{summary.objective}`)"),
+        *method.card_rows(cfg),
         ("rounds", str(summary.rounds)),
         ("samples seen", str(summary.samples_seen)),
         ("mean reward, first → last round", reward_change),
@@ -332,13 +331,10 @@ def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> 
         (True, False): f"The velocity model {base_link}, every weight",
     }[(weights.velocity, weights.lora)]
     body = f"""
-# ORW-CFM-W2 {what} of {base}
+# {method.title} {what} of {base}
 
-{holds} fine-tuned online towards a reward with **ORW-CFM-W2** (Online
-Reward-Weighted Conditional Flow Matching with Wasserstein-2 regularisation; Fan et al., ICLR 2025)
-using `orw-diffusers`. Each round the current model sampled images, the reward
-scored them, and the {trained} were fitted to its own samples weighted by `exp(temperature * reward)`,
-with a W2 term (`w2_coefficient`) keeping it close to the base model.
+{holds} fine-tuned online towards a reward with **{method.title}**
+{method.card_text.format(trained=trained)} Trained with `orw-diffusers`.
 
 {license_note}
 {image}
@@ -515,8 +511,8 @@ def push_to_hub(output_dir: str, repo_id: str, private: bool = False, api: Any =
             folder_path=output_dir,
             allow_patterns=upload_patterns(output_dir),
             delete_patterns=STALE_PATTERNS,  # files uploaded in this commit are kept
-            commit_message=f"ORW-CFM-W2 {'LoRA' if summary.weights.lora else 'fine-tune'}: {summary.rounds} rounds, "
-                           f"{summary.samples_seen} samples",  # fmt: skip
+            commit_message=f"{objective_class(summary.objective).title} {'LoRA' if summary.weights.lora else 'fine-tune'}"
+                           f": {summary.rounds} rounds, {summary.samples_seen} samples",  # fmt: skip
         )
     except Exception as e:  # network, auth, quota, ...: all leave the files on disk and say how to retry
         raise HubUploadError(

@@ -105,10 +105,13 @@ def group_advantages(
     """Group-relative advantages of the global batch: ``(r - mean of the group) / (std + eps)``, clipped to ±clip.
 
     rewards, group_ids: [B]. The std is the whole batch's (``global_std``) or the group's. Returns
-    ``(advantages [B], keep [B] bool)``: a group whose rewards are all equal carries no signal, so
-    its samples are masked (``keep`` False, advantage 0).
+    ``(advantages [B], keep [B] bool)``: a group whose rewards are all equal, or a group of one beside
+    larger groups, carries no signal, so its samples are masked (``keep`` False, advantage 0). When no
+    group has two samples (one image per prompt), the batch is the group: ``(r - batch mean) / (batch std + eps)``.
     """
     r = rewards.detach().float()
+    if torch.unique(group_ids, return_counts=True)[1].max() < 2:
+        group_ids = torch.zeros_like(group_ids)
     advantages = torch.zeros_like(r)
     keep = torch.ones_like(r, dtype=torch.bool)
     batch_std = r.std(unbiased=False)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from . import streams
 from .flow import per_sample_noise
 from .objectives import RolloutRecord
+from .progress import progress_bar
 from .rewards import RewardOutput, clean_scores
 from .sampling import VelocityField, guided_field, integrate
 
@@ -31,6 +31,29 @@ class Rollout:
     images: torch.Tensor  # [min(n, keep_images), 3, H, W] float32 CPU, for logging
     embeddings: Optional[torch.Tensor] = None  # [n, D] from the reward's ``embed``, if it has one
     held_out: dict[str, torch.Tensor] = field(default_factory=dict)  # eval_reward's scores, name -> [n]
+
+
+def micro_batch_rows(
+    num_local: int, batch_size: int, keep: Optional[torch.Tensor] = None, process_index: int = 0, num_processes: int = 1
+) -> list[torch.Tensor]:
+    """This process's micro-batches: lists of local rows [<= batch_size] of the round's ``num_local`` samples.
+
+    ``keep`` [B] bool over the global batch (None: every sample): samples outside it are dropped before batching.
+    Local row j is global sample ``process_index + j * num_processes``. Every process gets the same number of
+    micro-batches, so that DDP's gradient reductions pair up: the most any process keeps, in ``batch_size``s. A
+    process that keeps fewer gets a short one, or one masked row in a micro-batch where it has none left (its
+    objective weighs it 0). Nothing kept anywhere: no micro-batch.
+    """
+    if keep is None:
+        return [torch.arange(start, min(start + batch_size, num_local)) for start in range(0, num_local, batch_size)]
+    per_process = keep.reshape(-1, num_processes)  # [num_local, P]: column p is process p's rows
+    count = int(per_process.sum(dim=0).max())
+    kept, dropped = per_process[:, process_index].nonzero()[:, 0], (~per_process[:, process_index]).nonzero()[:, 0]
+    batches = []
+    for start in range(0, count, batch_size):
+        rows = kept[start : start + batch_size]
+        batches.append(rows if len(rows) else dropped[:1])
+    return batches
 
 
 class Rollouts:
@@ -77,9 +100,9 @@ class Rollouts:
         """This process's samples of the round: ``prompts`` [n] at global ``indices`` [n], sampled and scored."""
         bs = self.t.cfg.sample_batch_size
         latents, extras, rewards, images_kept, comps, bad, embeddings, held_out = [], {}, [], [], {}, 0, [], {}
-        # Inner bars: main process, and only on a terminal (disable=None), so log files get the rounds bar only.
-        quiet = None if self.t.accelerator.is_main_process else True
-        for start in tqdm(range(0, len(indices), bs), desc="sampling", leave=False, disable=quiet):
+        starts = progress_bar(range(0, len(indices), bs), desc="sampling", leave=False, inner=True,
+                              enabled=self.t.accelerator.is_main_process)  # fmt: skip
+        for start in starts:
             batch_prompts = prompts[start : start + bs]
             record = self.record(batch_prompts, indices[start : start + bs], round_idx)
             record.latents = self.t.family.finish_rollout(record.latents)

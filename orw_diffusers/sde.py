@@ -12,6 +12,12 @@ sampled (after CFG). Everything is computed in float32: the variance terms overf
 
 Log-probs are averaged over a sample's elements, not summed, as the reference implementation does.
 With ``a = 0`` both steps are exactly the Euler ODE step.
+
+The KL of a trained step to the reference's step (``step_kl``) is ``mean((mean - mean_ref)^2) / (2 s^2)`` with
+``s`` either the transition's std (``kl_type: exact``, the KL of the two Gaussians) or, as in Flow-GRPO's code
+(``scripts/train_sd3.py``: ``/ (2 * std_dev_t ** 2)``), the diffusion ``a sqrt(sigma / (1 - sigma))`` without
+``sqrt(-dt)`` (``kl_type: flow_grpo``, the default, so that a Flow-GRPO config's ``kl_beta`` means the same here).
+For ``cps`` the two are the same: its ``std_dev_t`` is the transition's std.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Optional
 import torch
 
 SDE_TYPES = ("sde", "cps")
+KL_TYPES = ("flow_grpo", "exact")
 
 
 @dataclass
@@ -32,6 +39,7 @@ class SDEStep:
     next_latents: torch.Tensor  # [B, ...] float32
     mean: torch.Tensor  # [B, ...] float32, the transition mean (differentiable through v)
     std: torch.Tensor  # [B] float32, the transition std (0 for a = 0)
+    noise_scale: torch.Tensor  # [B] float32, Flow-GRPO's std_dev_t: sde: a sqrt(sigma / (1 - sigma)); cps: std
     log_prob: torch.Tensor  # [B] float32, log p(next_latents | latents), mean over elements
 
 
@@ -69,8 +77,9 @@ def sde_step(
         diffusion = noise_level * torch.sqrt(s / denominator)
         mean = x + (v + diffusion**2 / (2 * s) * (x + (1 - s) * v)) * dt
         std = diffusion * torch.sqrt(-dt)
+        noise_scale = diffusion
     else:
-        std = s_next * math.sin(noise_level * math.pi / 2)
+        std = noise_scale = s_next * math.sin(noise_level * math.pi / 2)
         x0, x1 = x - s * v, x + (1 - s) * v
         mean = (1 - s_next) * x0 + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * x1
     if next_latents is None:
@@ -83,7 +92,18 @@ def sde_step(
         log_prob = log_density.mean(dim=dims)
     else:
         log_prob = -((target - mean) ** 2).mean(dim=dims)
-    return SDEStep(next_latents, mean, std.reshape(len(x), -1)[:, 0], log_prob)
+    per_sample = lambda t: t.reshape(len(x), -1)[:, 0]  # noqa: E731 - [B, 1, ...] -> [B]
+    return SDEStep(next_latents, mean, per_sample(std), per_sample(noise_scale.expand_as(std)), log_prob)
+
+
+def step_kl(step: SDEStep, ref_mean: torch.Tensor, kl_type: str = "flow_grpo") -> torch.Tensor:
+    """The KL term [B] of a trained step against the reference's transition mean ``ref_mean`` [B, ...] (same std):
+    ``mean over elements of (mean - ref_mean)^2 / (2 s^2)``, s = ``step.std`` (exact) or ``step.noise_scale`` (flow_grpo)."""
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"step_kl: kl_type {kl_type!r} is not one of {', '.join(KL_TYPES)}")
+    scale = step.std if kl_type == "exact" else step.noise_scale
+    dims = tuple(range(1, step.mean.ndim))
+    return ((step.mean - ref_mean.float()) ** 2).mean(dim=dims) / (2 * scale.clamp_min(1e-12) ** 2)
 
 
 def window_steps(num_steps: int, size: int, low: int, high: int, generator: torch.Generator) -> list[int]:

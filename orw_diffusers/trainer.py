@@ -1,6 +1,6 @@
 """``Trainer``: the online round loop with Accelerate, for any objective, policy and model.
 
-Each round is a flat sequence of named phases (DESIGN.md section 1):
+Each round is a flat sequence of named phases (the README's "The method in one screen"):
 sample -> reward -> signal -> optimise -> refresh sampler -> metrics -> log -> checkpoint.
 The loop talks to three seams and names none of their implementations: the objective
 (``objectives/``: what a rollout records, the training signal, the losses), the policy
@@ -19,19 +19,18 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
-
 from . import build, checkpoint, hub, streams
 from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
 from .images import mean_pairwise_distance
 from .judges import EVAL_PREFIX, per_sample_rms
 from .models import FlowModel
-from .objectives import Fields, MicroBatch, build_objective
+from .objectives import Fields, MicroBatch, Signal, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
+from .progress import progress_bar
 from .prompts import load_prompts
-from .rollouts import Rollout, Rollouts
+from .rollouts import Rollout, Rollouts, micro_batch_rows
 from .run_log import RunLog, quiet_logging, reward_by_prompt
 from .sampling import guided_field
 
@@ -195,24 +194,25 @@ class Trainer:
         return self.rollouts.record(prompts, indices, round_idx).latents
 
     # --- phase 4: optimise ----------------------------------------------------------------------
-    def optimise(self, rollout: Rollout, signal: torch.Tensor, round_idx: int) -> dict[str, torch.Tensor]:
-        """``num_inner_epochs`` passes over the round's samples in micro-batches. signal: [n] local rows."""
+    def optimise(self, rollout: Rollout, signal: Signal, round_idx: int) -> dict[str, torch.Tensor]:
+        """``num_inner_epochs`` passes over the round's samples that the signal keeps, in micro-batches."""
         cfg, acc, model = self.cfg, self.accelerator, self.transformer
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         grad_norms = []
-        bs = cfg.train_batch_size
+        values = signal.values[rollout.indices].to(self.device)  # this process's rows
+        batches = micro_batch_rows(len(rollout.indices), cfg.train_batch_size, signal.keep, acc.process_index,
+                                   acc.num_processes)  # fmt: skip
         model.train()
-        bar = tqdm(total=cfg.num_inner_epochs * self.sizes.micro_batches_per_process, desc="optimising", leave=False,
-                   disable=None if acc.is_main_process else True)  # fmt: skip
+        bar = progress_bar(total=cfg.num_inner_epochs * len(batches), desc="optimising", leave=False, inner=True,
+                           enabled=acc.is_main_process)  # fmt: skip
         for inner in range(cfg.num_inner_epochs):
-            for start in range(0, len(rollout.indices), bs):
-                rows = torch.arange(start, start + bs)
+            for rows in batches:
                 batch = MicroBatch(
                     round_idx=round_idx, inner_epoch=inner, seed=cfg.seed, indices=rollout.indices[rows],
-                    latents=rollout.latents[rows], signal=signal[rows], extras=slice_extras(rollout.extras, rows),
+                    latents=rollout.latents[rows], signal=values[rows], extras=slice_extras(rollout.extras, rows),
                 )  # fmt: skip
-                fields = self.training_fields(rollout.prompts[start : start + bs])
+                fields = self.training_fields([rollout.prompts[int(i)] for i in rows])
                 with acc.accumulate(model):
                     for step in self.objective.losses(batch, fields):
                         acc.backward(step.loss)  # gradients accumulate over the micro-batch's losses
@@ -228,7 +228,12 @@ class Trainer:
                 bar.update()
         bar.close()
         stats = {k: acc.reduce(v / counts[k], reduction="mean") for k, v in sums.items()}
-        stats["grad_norm"] = torch.stack([torch.as_tensor(g, device=self.device).float() for g in grad_norms]).mean()
+        norms = [torch.as_tensor(g, device=self.device).float() for g in grad_norms]
+        stats["grad_norm"] = torch.stack(norms).mean() if norms else torch.zeros((), device=self.device)
+        kept = self.sizes.samples_per_round if signal.keep is None else int(signal.keep.sum())
+        stats["trained_samples"] = torch.tensor(float(kept), device=self.device)  # the round's, all processes
+        if not batches and acc.is_main_process:
+            logger.warning("round %d: no sample is kept by the objective's signal: nothing was trained", round_idx)
         return stats
 
     # --- phase 5: refresh ----------------------------------------------------------------------
@@ -247,7 +252,7 @@ class Trainer:
         sample_prompts = self.sample_prompts(round_idx)
         group_ids = torch.tensor([self.prompt_ids[p] for p in sample_prompts])
         signal = self.objective.signal(global_rewards, group_ids)  # 3: over the global batch
-        stats = self.optimise(rollout, signal.values[rollout.indices].to(self.device), round_idx)  # 4
+        stats = self.optimise(rollout, signal, round_idx)  # 4
         refreshed = self.refresh_sampler(round_idx)  # 5
         metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, refreshed)  # 6
         metrics.update(self.objective.end_round(metrics))  # e.g. the next round's alpha under a W2 budget
@@ -342,17 +347,17 @@ class Trainer:
         if self.validation_due(self.start_round):
             self.validate(self.start_round)
         metrics: dict[str, Any] = {}
-        bar = tqdm(
+        bar = progress_bar(
             range(self.start_round, cfg.num_epochs), desc="rounds", initial=self.start_round, total=cfg.num_epochs,
-            disable=not acc.is_main_process,
+            enabled=acc.is_main_process,
         )  # fmt: skip
         for round_idx in bar:
             metrics = self.run_round(round_idx)
             self.log.metrics(metrics)
             self.rounds_done = round_idx + 1
             shown = {k: f"{metrics[k]:.3g}" for k in self.objective.progress_keys if k in metrics}
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown)
-            if not math.isfinite(metrics["loss"]):
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown, refresh=False)
+            if not math.isfinite(metrics.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
             if self.validation_due(self.rounds_done):
                 self.validate(self.rounds_done)

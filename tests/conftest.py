@@ -90,6 +90,19 @@ def tiny_run_config(model_path: str, output_dir: str, **overrides) -> dict:
     return values
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state is a process-wide singleton fixed at the first Accelerator's mixed_precision:
+    start this test from scratch and leave none behind for the next."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def for_objective(values: dict, objective: str, **grpo) -> dict:
     """``values`` (a run config dict) for ``objective``: Flow-GRPO drops ORW's keys and takes ``grpo``'s."""
     if objective == "orw_cfm_w2":

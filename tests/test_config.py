@@ -124,9 +124,19 @@ def test_derived_sizes():
         derive_sizes(cfg, num_prompts=10, num_processes=3)
 
 
-def test_hub_ids_pass_validation_without_network(good):
+def test_hub_ids_pass_validation_without_network(good, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("validation reached for the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     good["pretrained_model_name_or_path"] = "stabilityai/stable-diffusion-3.5-medium"
-    validate(TrainConfig(**good))
+    sizes = validate(TrainConfig(**good))
+    assert sizes == derive_sizes(TrainConfig(**good), num_prompts=len(good["prompts"]), num_processes=1)
+    good["pretrained_model_name_or_path"] = "not a hub id"  # the same check refuses what is neither
+    with pytest.raises(ConfigError, match="'not a hub id' is not an existing local directory nor a hub id"):
+        validate(TrainConfig(**good))
 
 
 def test_prompt_sources(tmp_path):

@@ -126,6 +126,34 @@ def test_ensure_builds_when_only_an_interrupted_build_exists(tmp_path, monkeypat
     assert digits.ensure_digits_base(progress=False) == path and len(calls) == 1
 
 
+def test_processes_starting_together_build_the_base_once(tmp_path, monkeypatch):
+    """Two builders on an empty cache: one builds under the lock, the other waits and reuses its build."""
+    import threading
+
+    monkeypatch.setenv("ORW_DIFFUSERS_CACHE", str(tmp_path))
+    real_build, calls, start = digits.base.build_digits_base, [], threading.Barrier(2)
+
+    def mini_build(out_dir, seed=0, progress=True):
+        calls.append(out_dir)
+        return real_build(out_dir, seed=seed, mini=True, progress=False)
+
+    monkeypatch.setattr(digits.base, "build_digits_base", mini_build)
+    paths = []
+
+    def builder():
+        start.wait()
+        paths.append(digits.ensure_digits_base(progress=False))
+
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    base = str(tmp_path / digits.BASE_NAME)
+    assert calls == [base] and paths == [base, base]
+    assert sorted(os.listdir(tmp_path)) == [digits.BASE_NAME, digits.BASE_NAME + ".lock"]
+
+
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -86,39 +86,3 @@ def test_alpha_sweep_quick(mini_base, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             digits_alpha_sweep.main(["--quick", "--set", bad])
         assert exit_info.value.code == 2
-
-
-def test_reweighting_bound_and_transition_matrix():
-    from bench.digits_diagnostics import reweighting_bound, transition_matrix
-
-    labels = torch.tensor([0, 2, 4, 6, 8, 1, 3, 5, 7, 9])
-    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    flat = reweighting_bound(labels, rewards, 0.0)
-    assert flat["histogram"] == pytest.approx([0.1] * 10) and flat["ess"] == pytest.approx(10.0)
-    assert flat["p_even"] == pytest.approx(0.5) and flat["even_entropy"] == pytest.approx(math.log(5))
-    sharp = reweighting_bound(labels, rewards, 50.0)  # all weight on the five even samples, equally
-    assert sharp["p_even"] == pytest.approx(1.0) and sharp["ess"] == pytest.approx(5.0)
-    assert sharp["even_entropy"] == pytest.approx(math.log(5))
-    before, after = torch.tensor([2, 2, 2, 2, 5]), torch.tensor([2, 0, 0, 8, 5])
-    matrix = transition_matrix(before, after)
-    assert matrix[2].tolist() == pytest.approx([0.5, 0, 0.25, 0, 0, 0, 0, 0, 0.25, 0])
-    assert matrix[5, 5] == 1.0 and matrix[0].sum() == 0  # no sample of class 0: an empty row
-
-
-def test_diagnostics_report(mini_base, one_round, tmp_path):
-    from bench import digits_diagnostics
-
-    rc, out = one_round
-    assert rc == 0
-    output = tmp_path / "diagnostics.md"
-    assert digits_diagnostics.main(["--base", mini_base, "--loras", str(out), "--labels", "one round", "--num", "8",
-                                    "--temperatures", "1", "20", "--output", str(output)]) == 0
-    text = output.read_text()
-    assert "| 20 |" in text and "**one round**" in text
-    assert text.count("| 9 (") == 1  # one transition matrix, ten rows
-    bad_inputs = (["--loras", str(tmp_path)], ["--num", "0"], ["--base", str(tmp_path)],
-                  ["--output", str(tmp_path / "missing" / "d.md")])
-    for bad in bad_inputs:  # each refused before any sampling
-        with pytest.raises(SystemExit) as exit_info:
-            digits_diagnostics.main(["--base", mini_base, "--output", str(output), *bad])
-        assert exit_info.value.code == 2, bad

@@ -3,13 +3,13 @@
 import os
 
 from conftest import REPO
-from orw_diffusers.reference import config_reference_markdown, readme_block
+from orw_diffusers.config_docs import config_reference_markdown, readme_block
 
 
 def test_readme_config_reference_is_current():
     with open(os.path.join(REPO, "README.md")) as f:
         block = readme_block(f.read())
-    assert block == config_reference_markdown(), "run: python -m orw_diffusers.reference --write"
+    assert block == config_reference_markdown(), "run: python -m orw_diffusers.config_docs --write"
 
 
 def test_quickstart_commands_exist():

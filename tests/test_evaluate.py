@@ -35,8 +35,11 @@ def test_report_of_a_trained_lora(tiny_sd3_path, tmp_path, capsys):
     assert report["files"] == {"grid": "comparison.png", "curves": "curves.png"}
     for name in ("comparison.png", "curves.png", "report.md"):
         assert (out / name).is_file(), name
-    with Image.open(out / "comparison.png") as grid:  # 2 rows (prompts) x 4 tiles (2 base, 2 tuned) of 96 px
-        assert grid.size == (4 * 98 + 2, 2 * (96 + 14 + 2) + 2)
+    with Image.open(out / "comparison.png") as grid:  # per prompt, a base row above a fine-tuned row of 2 tiles
+        width, height = grid.size
+        assert height == 4 * (96 + 14 + 2) + 2 and width > 2 * 98 + 2  # the rows' labels in a left margin
+        labels = grid.crop((0, 0, width - (2 * 98 + 2), height)).convert("L")
+        assert labels.getextrema()[0] < 128  # the margin holds text
 
     # The base side is exactly the plain pipeline with generator (seed, prompt i, image j).
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)

@@ -33,11 +33,11 @@ class TinyCheckpoint:
 
 
 def save_tiny_flux(tmp_path_factory, guidance_embeds: bool) -> str:
-    from orw_diffusers import tiny
+    import tiny_flux
 
     name = "tiny-flux-dev" if guidance_embeds else "tiny-flux-schnell"
     path = str(tmp_path_factory.mktemp(name) / "pipeline")
-    tiny.flux_pipeline(words=TINY_WORDS, guidance_embeds=guidance_embeds, seed=0).save_pretrained(path)
+    tiny_flux.flux_pipeline(words=TINY_WORDS, guidance_embeds=guidance_embeds, seed=0).save_pretrained(path)
     return path
 
 
@@ -78,7 +78,9 @@ def test_fresh_adapter_equals_reference_and_w2_is_zero(checkpoint, tmp_path):
     assert torch.equal(v_ft, v_ref)
     out = orw_cfm_w2_loss(v_ft, torch.zeros_like(v_ft), v_ref, torch.ones(3), w2_coefficient=1.0)
     assert out.w2_loss.item() == 0.0
+    # the reference context re-enables the trained adapter (not the sampler) for the next policy pass
     assert all(p.requires_grad for p in lora.lora_parameters(model, lora.TRAINED))
+    assert not any(p.requires_grad for p in lora.lora_parameters(model, lora.SAMPLER))
     assert all(p.dtype == torch.float32 for p in lora.lora_parameters(model, None))
 
 

@@ -147,19 +147,6 @@ def test_flux_load_options_are_checked(tiny_flux_dev_path):
 # --- the real script ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state is a process-wide singleton fixed at the first Accelerator's mixed_precision:
-    start this test from scratch and leave none behind for the next."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _script():
     spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
     script = importlib.util.module_from_spec(spec)

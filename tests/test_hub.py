@@ -24,6 +24,7 @@ class FakeApi:
 
     def __init__(self, fail_upload: bool = False, whoami_error: Exception = None, role: str = "write"):
         self.calls = []
+        self.commit_messages = []
         self.remote = set()
         self.fail_upload = fail_upload
         self.whoami_error = whoami_error
@@ -42,6 +43,7 @@ class FakeApi:
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, delete_patterns=None, **kwargs):
         on_disk = sorted(p for p in allow_patterns if os.path.isfile(os.path.join(folder_path, p)))
         self.calls.append(("upload_folder", repo_id, folder_path, sorted(allow_patterns), on_disk))
+        self.commit_messages.append(kwargs.get("commit_message"))
         if self.fail_upload:
             raise ConnectionError("Max retries exceeded with url: /api/repos/create")
         stale = {f for f in self.remote if any(fnmatch.fnmatch(f, p) for p in delete_patterns or [])}
@@ -83,6 +85,27 @@ def test_training_pushes_weights_card_config_metrics_and_grid(tiny_sd3_path, tmp
         assert needle in text, needle
     assert "torch_dtype" not in text
     assert "on the Hub as me/tiny-orw" in capsys.readouterr().out
+    assert text.lstrip().startswith("# ORW-CFM-W2 LoRA adapter of") and "**ORW-CFM-W2**" in text
+    assert "| objective | ORW-CFM-W2 (`orw_cfm_w2`) |" in text and "Flow-GRPO" not in text
+    assert api.commit_messages == ["ORW-CFM-W2 LoRA: 1 rounds, 8 samples"]
+
+
+def test_a_flow_grpo_run_has_a_flow_grpo_card_and_push(tiny_sd3_path, tmp_path):
+    from huggingface_hub import ModelCard
+
+    api = FakeApi()
+    grpo = dict(objective="flow_grpo", sde_window_size=2, kl_beta=0.01, kl_type="exact", clip_range=0.2)
+    trainer, cfg = _train(tiny_sd3_path, tmp_path / "out", api, hub_model_id="tiny-grpo", **grpo)
+    trainer.train()
+    card = ModelCard.load(os.path.join(cfg.output_dir, "README.md"))
+    assert "flow-grpo" in card.data.tags and "orw-cfm-w2" not in card.data.tags
+    text = card.text
+    assert text.lstrip().startswith("# Flow-GRPO LoRA adapter of") and "**Flow-GRPO**" in text
+    for needle in ("| objective | Flow-GRPO (`flow_grpo`) |", "| `kl_beta` | 0.01 |", "| `kl_type` | exact |",
+                   "| `clip_range` | 0.2 |", "| `sde_window_size` | 2 |"):  # fmt: skip
+        assert needle in text, needle
+    assert "ORW-CFM-W2" not in text and "w2_coefficient" not in text and "temperature" not in text
+    assert api.commit_messages == ["Flow-GRPO LoRA: 1 rounds, 8 samples"]
 
 
 def test_validation_grids_make_the_widget_and_a_new_push_drops_stale_samples(tiny_sd3_path, tmp_path):
@@ -162,7 +185,7 @@ def test_push_refuses_a_directory_without_weights(tmp_path, capsys):
 def test_card_names_a_hub_base_model_in_its_metadata(tmp_path):
     summary = hub.RunSummary(
         base_model="stabilityai/stable-diffusion-3.5-medium", reward={"clip_score": 1.0, "aesthetic": 0.5},
-        w2_coefficient=1.0, temperature=0.5, rounds=100, samples_seen=3200, first_reward=0.25, final_reward=0.31,
+        objective="orw_cfm_w2", rounds=100, samples_seen=3200, first_reward=0.25, final_reward=0.31,
         final_reward_std=0.02, final_diversity=12.5,
         family_tags=hub.family_tags("stabilityai/stable-diffusion-3.5-medium"),
         license={"license": "other", "license_name": "stabilityai-ai-community",

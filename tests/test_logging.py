@@ -163,6 +163,26 @@ def test_grids_validation_and_tensorboard(tiny_sd3_path, tmp_path, capsys):
     assert line.startswith("done: 2 rounds, 16 samples.") and f"load_lora_weights({out!r})" in line
 
 
+def test_progress_in_a_log_file_is_a_few_lines_not_one_per_update(tiny_sd3_path, tmp_path, capsys):
+    """Not on a terminal (capsys, like a job log): no inner bars, and the rounds bar prints at most one line
+    every FILE_INTERVAL_S (here its first and its last); the numbers are in metrics.jsonl."""
+    import re
+    import time
+
+    from orw_diffusers.progress import FILE_INTERVAL_S
+
+    trainer = _trainer(tiny_sd3_path, tmp_path, num_epochs=6, num_inner_epochs=2, report_to="none",
+                       sample_log_interval=0)  # fmt: skip
+    start = time.monotonic()
+    trainer.train()
+    intervals = int((time.monotonic() - start) // FILE_INTERVAL_S)  # 0 unless the machine is very slow
+    err = capsys.readouterr().err
+    lines = [x for x in re.split(r"[\r\n]+", err) if re.search(r"rounds|sampling|optimising", x)]
+    assert FILE_INTERVAL_S >= 30 and 1 <= len(lines) <= 2 + intervals, lines  # unthrottled: a line per update
+    assert all(x.startswith("rounds") for x in lines)
+    assert len(open(os.path.join(tmp_path, "out", "metrics.jsonl")).readlines()) == 6
+
+
 class EmbeddingReward:
     """Brightness, plus an ``embed`` (the per-channel means) that the diversity metric should use."""
 

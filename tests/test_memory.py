@@ -257,14 +257,20 @@ def test_guided_training_doubles_the_training_activations(tiny_planner, tiny_sd3
     assert tiny_planner.train_step_peak(replace(s, guided_training=False), batch=4) == pytest.approx(guided, rel=0.2)
 
 
-def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path):
+def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path, tiny_planner):
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir", objective="flow_grpo", num_sampling_steps=4,
                                         sde_window_size=2, kl_beta=0.0))  # fmt: skip
-    s = PlanSettings.from_train_config(cfg)
-    assert s.latents_per_sample == 1 + 2 * 2  # x1, and the latents before and after each of the 2 SDE steps
+    s = replace(PlanSettings.from_train_config(cfg), mixed_precision="bf16")
+    # x1 in the weight dtype; the latents before and after each of the 2 SDE steps in float32, whatever the dtype
+    assert (s.latents_per_sample, s.fp32_latents_per_sample) == (1, 2 * 2)
     assert not s.reference_pass  # no KL term: no reference forward
-    orw = PlanSettings.from_train_config(TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir")))
-    assert orw.latents_per_sample == 1 and orw.reference_pass
+    orw = replace(PlanSettings.from_train_config(TrainConfig(**tiny_run_config(tiny_sd3_path, "unused-output-dir"))),
+                  mixed_precision="bf16")  # fmt: skip
+    assert (orw.latents_per_sample, orw.fp32_latents_per_sample) == (1, 0) and orw.reference_pass
+    round_data = lambda settings: next(i.bytes for i in tiny_planner.plan(settings).items if i.group == "round data")  # noqa: E731
+    per_sample = round_data(orw) // orw.samples_per_process  # one bf16 latent: 2 bytes an element
+    # (the planner traces ORW's training step, which needs the reference pass)
+    assert round_data(replace(s, reference_pass=True)) == s.samples_per_process * per_sample * (1 + 2 * 2 * 2)
 
 
 def test_the_digits_name_plans_the_cached_base_and_never_builds_it(tmp_path, monkeypatch, capsys):

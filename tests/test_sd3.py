@@ -1,47 +1,16 @@
-"""Contract tests of the SD3 family, the adapters and the sampler on a tiny pipeline loaded via from_pretrained."""
+"""The SD3 family, the adapters and the sampler on a tiny pipeline loaded via from_pretrained (what every family
+does is tests/test_family_contract.py's)."""
 
 import pytest
 import torch
 
-from conftest import sampled_and_pipeline_call, tiny_trainer as _trainer, velocity as _velocity, velocity_probe as _probe
+from conftest import tiny_trainer as _trainer
 from orw_diffusers import lora
-from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.objectives import Signal
 
 
 def _lora_tensors(model, adapter):
     return [p.detach().clone() for p in lora.lora_parameters(model, adapter)]
-
-
-def test_fresh_adapter_equals_reference_and_w2_is_zero(tiny_sd3_path, tmp_path):
-    trainer = _trainer(tiny_sd3_path, tmp_path)
-    model, probe = trainer.unwrapped, _probe(trainer)
-    v_ft = _velocity(trainer, model, probe)
-    with lora.reference(model):
-        v_ref = _velocity(trainer, model, probe)
-    assert torch.equal(v_ft, v_ref)
-    out = orw_cfm_w2_loss(v_ft, torch.zeros_like(v_ft), v_ref, torch.ones(3), w2_coefficient=1.0)
-    assert out.w2_loss.item() == 0.0
-    # the reference context re-enables the trained adapter for the next policy pass
-    assert all(p.requires_grad for p in lora.lora_parameters(model, lora.TRAINED))
-    assert not any(p.requires_grad for p in lora.lora_parameters(model, lora.SAMPLER))
-    assert all(p.dtype == torch.float32 for p in lora.lora_parameters(model, None))
-
-
-def test_one_step_moves_the_adapter_but_not_the_reference(tiny_sd3_path, tmp_path):
-    from diffusers import SD3Transformer2DModel
-
-    trainer = _trainer(tiny_sd3_path, tmp_path, train_batch_size=8, images_per_prompt=4, sample_batch_size=8)
-    assert trainer.sizes.optimizer_steps_per_round == 1
-    model, probe = trainer.unwrapped, _probe(trainer)
-    trainer.run_round(0)
-    v_ft = _velocity(trainer, model, probe)
-    with lora.reference(model):
-        v_ref = _velocity(trainer, model, probe)
-    untouched = SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer").eval()
-    v_base = _velocity(trainer, untouched, probe)
-    assert not torch.allclose(v_ft, v_ref)
-    assert torch.equal(v_ref, v_base)  # the frozen base weights did not move by a single bit
 
 
 def test_sampler_lags_by_one_round_with_interval_two(tiny_sd3_path, tmp_path):
@@ -57,32 +26,6 @@ def test_sampler_lags_by_one_round_with_interval_two(tiny_sd3_path, tmp_path):
     m1 = trainer.run_round(1)
     assert m1["sampler_refreshed"]
     assert all(torch.equal(a, b) for a, b in zip(_lora_tensors(model, lora.TRAINED), _lora_tensors(model, lora.SAMPLER)))
-
-
-def test_prompt_cache_encodes_each_prompt_once_then_releases_encoders(tiny_sd3_path, tmp_path):
-    trainer = _trainer(tiny_sd3_path, tmp_path, prompts=["a red cat", "a blue dog", "a red cat"])
-    assert trainer.family.text_encoder_calls == 3  # 2 unique prompts + the negative prompt ""
-    assert trainer.family.text_encoders() == []
-    trainer.run_round(0)
-    assert trainer.family.text_encoder_calls == 3
-    with pytest.raises(KeyError, match="not in the prompt cache"):
-        trainer.family.prompt_cache.get(["an unseen prompt"], trainer.device)
-
-
-def test_saved_lora_reproduces_the_sampler_in_a_plain_pipeline(tiny_sd3_path, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-
-    trainer = _trainer(tiny_sd3_path, tmp_path, num_epochs=2, learning_rate=1e-2)
-    trainer.train()
-    out_dir = trainer.cfg.output_dir
-    ours, kwargs = sampled_and_pipeline_call(trainer)
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
-    base = pipe(**kwargs).images
-    pipe.load_lora_weights(out_dir, weight_name=LORA_WEIGHTS_NAME)
-    tuned = pipe(**kwargs).images
-    torch.testing.assert_close(tuned, ours, atol=1e-5, rtol=1e-4)
-    assert (tuned - base).abs().max() > 1e-4  # the adapter matters: not a vacuous match
 
 
 @pytest.mark.parametrize("solver, calls", [("euler", 3), ("heun", 5)])
@@ -113,20 +56,11 @@ def test_optimise_fetches_prompt_embeddings_per_micro_batch(tiny_sd3_path, tmp_p
         return get(prompts, device)
 
     trainer.family.prompt_cache.get = spy
-    trainer.optimise(rollout, torch.ones(len(rollout.indices)), 0)
+    trainer.optimise(rollout, Signal(torch.ones(len(rollout.indices))), 0)
     micro_batches = [rollout.prompts[i : i + 2] for i in range(0, len(rollout.prompts), 2)]
     assert trainer.training_guidance_scale > 1
     expected = [rows for batch in micro_batches for rows in (batch, [trainer.cfg.negative_prompt] * 2)]
     assert len(micro_batches) == 4 and requested == 2 * expected
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def test_bf16_base_keeps_fp32_lora_and_trains(tiny_sd3_path, tmp_path, fresh_accelerate_state):
@@ -157,10 +91,11 @@ def test_sd3_checkpoint_with_t5_loads_with_or_without_it(tmp_path):
     from conftest import TINY_WORDS
     from orw_diffusers import tiny
     from orw_diffusers.models import LoadOptions, load_family
+    from tiny_flux import t5_encoder, t5_tokenizer
 
     pipe = tiny.sd3_pipeline(words=TINY_WORDS)
-    tok3 = tiny.t5_tokenizer(TINY_WORDS)
-    pipe.register_modules(text_encoder_3=tiny.t5_encoder(len(tok3), d_model=32), tokenizer_3=tok3)
+    tok3 = t5_tokenizer(TINY_WORDS)
+    pipe.register_modules(text_encoder_3=t5_encoder(len(tok3), d_model=32), tokenizer_3=tok3)
     path = str(tmp_path / "with-t5")
     pipe.save_pretrained(path)
     prompts = ["a red cat", "a blue dog"]

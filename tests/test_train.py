@@ -106,18 +106,6 @@ def test_two_processes_equal_one_process_with_double_batch(pretrained_tiny_sd3_p
     assert [m["epoch"] for m in m_two] == [0, 1]
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state is a process-wide singleton fixed by the first Accelerator: start from none, leave none."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_a_config_silent_on_precision_takes_accelerates(tiny_sd3_path, tmp_path, monkeypatch, fresh_accelerate_state):
     """As under ``accelerate launch --mixed_precision bf16``: the run trains in bf16 (real autocast on CPU) and
     config.yaml records it, where the run config says nothing about precision."""

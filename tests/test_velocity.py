@@ -72,9 +72,11 @@ def test_linear_field_integrates_to_its_endpoint_in_both_conventions():
     torch.testing.assert_close(sigmas, 1 - ts)
     for solver in ("euler", "heun"):
         torch.testing.assert_close(integrate(field, x0, sigmas, solver=solver), expected)
-    # a wrong sign or a wrong time map would not get there
-    wrong = integrate(lambda x, s: -family.predict_velocity(module, x, s.expand(2), None), x0, sigmas[:-1])
-    assert not torch.allclose(wrong, expected, atol=0.1)
+    # The same integration with the sign flipped: each Euler step multiplies x - c by 1 + |dt| / sigma, so it lands
+    # at c + (5/4)(4/3)(3/2)(2)(x0 - c) = c + 5 (x0 - c), far from c: the check above tells the signs apart.
+    wrong = integrate(lambda x, s: -field(x, s), x0, sigmas)
+    torch.testing.assert_close(wrong, expected + 5 * (x0 - expected))
+    assert (wrong - expected).abs().min() > 0.01
 
 
 def test_velocity_is_minus_torchcfm_at_one_minus_sigma_and_paths_agree():

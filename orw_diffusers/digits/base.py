@@ -5,6 +5,7 @@ Cache layout (``$ORW_DIFFUSERS_CACHE``, default ``~/.cache/orw_diffusers``)::
     <cache>/digits-sd3-v2/                    the pipeline (model_index.json, transformer/, vae/, text_encoder*/, ...)
     <cache>/digits-sd3-v2/classifiers/        the reward CNN (reward_cnn.safetensors + reward_cnn.json)
     <cache>/digits-sd3-v2/digits_build.json   how it was built (seed, settings, split, build time)
+    <cache>/digits-sd3-v2.lock                held by the one process that builds it
 
 The classifiers sit inside the pipeline folder (``from_pretrained`` ignores folders that
 ``model_index.json`` does not name) so that one ``os.rename`` publishes the whole build atomically.
@@ -39,6 +40,7 @@ from .data import (
     HELDOUT_FRACTION,
     NEGATIVE_PROMPT,
     SPLIT_SEED,
+    build_once,
     digits_cache_dir,
     load_digit_images,
     specific_prompt,
@@ -170,7 +172,7 @@ def build_digits_base(out_dir: str, seed: int = 0, mini: bool = False, progress:
     Writes to a temporary sibling folder and renames it at the end, so ``out_dir`` either does not exist
     or is complete. If another process published ``out_dir`` meanwhile, ours is discarded. Returns ``out_dir``.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     settings = settings or (BuildSettings.mini() if mini else BuildSettings())
     start = time.time()
@@ -183,7 +185,7 @@ def build_digits_base(out_dir: str, seed: int = 0, mini: bool = False, progress:
         images, labels = load_digit_images("train")
         pipe = _build_pipeline_parts(settings, seed)
         total = settings.vae_steps + settings.steps + settings.classifier_epochs
-        with tqdm(total=total, desc="building digits base", disable=not progress) as bar:
+        with progress_bar(total=total, desc="building digits base", enabled=progress) as bar:
             _train_vae(pipe.vae, images * 2 - 1, settings, bar)
             with torch.no_grad():
                 posterior = pipe.vae.encode(images * 2 - 1).latent_dist  # [N, 4, 8, 8]
@@ -226,13 +228,12 @@ def _is_complete(path: str) -> bool:
 def ensure_digits_base(cache_dir: Optional[str] = None, seed: int = 0, progress: bool = True) -> str:
     """The path of the cached base pipeline ``<cache>/digits-sd3-v2``; builds it first if it is missing.
 
-    Leftover ``digits-sd3-v2.tmp-*`` folders of interrupted builds are never used.
+    One process builds (under a lock on ``<cache>/digits-sd3-v2.lock``); others started meanwhile wait and
+    reuse it. Leftover ``digits-sd3-v2.tmp-*`` folders of interrupted builds are never used.
     A base built with another seed is not detected: use another ``cache_dir`` for other seeds.
     """
     path = os.path.join(digits_cache_dir(cache_dir), BASE_NAME)
-    if not _is_complete(path):
-        build_digits_base(path, seed=seed, progress=progress)
-    return path
+    return build_once(path, _is_complete, lambda: build_digits_base(path, seed=seed, progress=progress))
 
 
 def load_digits_pipeline(path: Optional[str] = None, device: str | torch.device = "cpu"):

@@ -10,7 +10,7 @@ calibrates the evaluation ("how confident is the judge on real digits?").
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,24 @@ def specific_prompt(digit: int) -> str:
 def digits_cache_dir(cache_dir: Optional[str] = None) -> str:
     """``cache_dir``, else ``$ORW_DIFFUSERS_CACHE``, else ``~/.cache/orw_diffusers``."""
     return cache_dir or os.environ.get("ORW_DIFFUSERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "orw_diffusers")
+
+
+def build_once(path: str, is_complete: Callable[[str], bool], build: Callable[[], Any]) -> str:
+    """``path``, after ``build()`` if it is not complete: the first process builds, under an exclusive lock
+    on ``<path>.lock`` next to it; the others wait on the lock, then find ``path`` complete and reuse it."""
+    if is_complete(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock; builds that race still publish by an atomic rename
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not is_complete(path):
+            build()
+    return path
 
 
 def load_digit_pixels(split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import save_reward_classifier, train_reward_classifier
-from .data import CLASSIFIER_DIR, DIGITS_RESOLUTION, digits_cache_dir, load_digit_images, load_digit_pixels
+from .data import (CLASSIFIER_DIR, DIGITS_RESOLUTION, build_once, digits_cache_dir, load_digit_images,
+                   load_digit_pixels)
 
 PIXEL_BASE_NAME = "digits-pixel-v1"
 PIXEL_COND_BASE_NAME = "digits-pixel-cond-v1"
@@ -130,7 +131,7 @@ def model_kwargs(settings: PixelBuildSettings) -> dict[str, Any]:
 def train_pixel_mlp(settings: PixelBuildSettings, seed: int = 0, progress: bool = True) -> PixelVelocityMLP:
     """Plain conditional flow matching in torchcfm's convention (x_t = t x1 + (1 - t) x0, u = x1 - x0) on
     the training split; returns the EMA model."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     torch.manual_seed(seed)
     pixels, labels = pixel_digits("train")
@@ -141,7 +142,7 @@ def train_pixel_mlp(settings: PixelBuildSettings, seed: int = 0, progress: bool 
     # a cosine decay to 5%: the late low-lr steps sharpen the samples
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: 0.05 + 0.475 * (1 + math.cos(math.pi * min(k, settings.steps) / settings.steps)))
-    for step in tqdm(range(settings.steps), desc="building pixel digits base", disable=not progress):
+    for step in progress_bar(range(settings.steps), desc="building pixel digits base", enabled=progress):
         idx = torch.randint(len(pixels), (settings.batch_size,))
         x1, x0 = pixels[idx], torch.randn(settings.batch_size, *PIXEL_SHAPE)
         t = torch.rand(settings.batch_size)
@@ -233,11 +234,11 @@ def is_complete(path: str) -> bool:
 
 def ensure_pixel_base(cache_dir: Optional[str] = None, conditional: bool = False, seed: int = 0,
                       progress: bool = True) -> str:
-    """The cached pixel base ``<cache>/digits-pixel-v1`` (``-cond-v1``: the class-conditional one); built if missing."""
+    """The cached pixel base ``<cache>/digits-pixel-v1`` (``-cond-v1``: the class-conditional one); built if missing,
+    by one process at a time (``data.build_once``)."""
     path = os.path.join(digits_cache_dir(cache_dir), PIXEL_COND_BASE_NAME if conditional else PIXEL_BASE_NAME)
-    if not is_complete(path):
-        build_pixel_base(path, seed=seed, settings=PixelBuildSettings(conditional=conditional), progress=progress)
-    return path
+    settings = PixelBuildSettings(conditional=conditional)
+    return build_once(path, is_complete, lambda: build_pixel_base(path, seed=seed, settings=settings, progress=progress))
 
 
 def load_pixel_model(path: str) -> PixelVelocityMLP:

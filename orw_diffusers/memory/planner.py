@@ -160,8 +160,10 @@ class PlanSettings:
     #: ``cfg_training: guided``: the training pass runs both guidance branches (a doubled batch)
     guided_training: bool = True
     reference_pass: bool = True
-    #: latent-sized tensors the objective's rollout keeps per sample (Flow-GRPO: its trajectory's steps)
+    #: latent-sized tensors the objective's rollout keeps per sample: x1 in the weight dtype, and trajectory
+    #: latents in float32 (Flow-GRPO: both sides of each trained step)
     latents_per_sample: int = 1
+    fp32_latents_per_sample: int = 0
     rewards: tuple[str, ...] = ("clip_score",)
     reward_on_gpu: bool = True
     reward_dtype: str = "float32"
@@ -203,7 +205,8 @@ class PlanSettings:
             guidance_scale=cfg.guidance_scale,
             guided_training=cfg.cfg_training == "guided",
             reference_pass=objective.needs_reference(),
-            latents_per_sample=objective.latents_per_sample(),
+            latents_per_sample=objective.round_latents()[0],
+            fp32_latents_per_sample=objective.round_latents()[1],
             # the held-out judges (eval_reward) are loaded beside the reward, on the same device
             rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward))
             + (tuple(spec.name for spec in parse_reward_spec(cfg.eval_reward)) if cfg.eval_reward is not None else ()),
@@ -528,12 +531,12 @@ class MemoryPlanner:
 
         # the round's data kept on the GPU
         latent_numel = math.prod(self.latent_shape(s))
+        trajectory = f" + {s.fp32_latents_per_sample} fp32 trajectory latents" if s.fp32_latents_per_sample else ""
         items.append(
             MemoryItem(
                 "round data",
-                f"round latents ({s.samples_per_process} samples"
-                + (f" x {s.latents_per_sample} trajectory latents)" if s.latents_per_sample > 1 else ")"),
-                s.samples_per_process * s.latents_per_sample * latent_numel * dt_bytes,
+                f"round latents ({s.samples_per_process} samples x {s.latents_per_sample} latent{trajectory})",
+                s.samples_per_process * latent_numel * (s.latents_per_sample * dt_bytes + s.fp32_latents_per_sample * 4),
                 all_round,
             )
         )

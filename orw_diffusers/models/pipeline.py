@@ -37,7 +37,7 @@ class PipelineFamily(FlowModel):
     def __init__(self, pipeline: Any, options: LoadOptions):
         self.pipeline = pipeline
         self.options = options
-        self.text_encoder_calls = 0  # forward passes of the text encoders, for the prompt-cache benchmark
+        self.text_encoder_calls = 0  # prompts through the text encoders (the prompt-cache tests count them)
         self.prompt_cache: Optional[PromptCache] = None  # filled by ``prepare``
         self.negative_prompt = ""
 

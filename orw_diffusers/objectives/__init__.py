@@ -30,7 +30,14 @@ def check_objective_keys(name: str, keys_set: Any) -> None:
 
 
 def validate_objective(cfg: Any) -> None:
-    objective_class(cfg.objective).validate(cfg)
+    chosen = objective_class(cfg.objective)
+    if chosen.scores_sampled_field and cfg.cfg_training == "conditional" and cfg.guidance_scale > 1:
+        raise ConfigError(
+            f"cfg_training: 'conditional' with guidance_scale {cfg.guidance_scale} is refused by objective "
+            f"{cfg.objective!r}: its rollouts are scored under the guided field, so a loss on the conditional branch "
+            "is no likelihood ratio; use cfg_training: guided (a guidance-embedding model such as FLUX.1-dev needs no key)"
+        )
+    chosen.validate(cfg)
 
 
 def build_objective(cfg: Any) -> Objective:

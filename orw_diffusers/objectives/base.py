@@ -27,6 +27,8 @@ class Signal:
 
     values: torch.Tensor  # [B] float32 CPU, global sample order (ORW: weights)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, logged once per round
+    #: [B] bool: the samples to train on (None: all). The others are dropped before micro-batching.
+    keep: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -66,6 +68,18 @@ class Objective(ABC):
     """One training objective. Its config keys are its own: a key of another objective is an error."""
 
     name: ClassVar[str]
+    #: the method's name as a model card and a Hub commit say it
+    title: ClassVar[str]
+    #: what the model card says the method did, after "fine-tuned online towards a reward with <title>"
+    card_text: ClassVar[str] = ""
+    #: the card's tag for the method
+    card_tag: ClassVar[str] = ""
+    #: the settings the model card lists (default: every key of the objective), and labels for some of them
+    card_keys: ClassVar[tuple[str, ...]] = ()
+    card_labels: ClassVar[dict[str, str]] = {}
+    #: True when the loss re-scores a rollout under the field it was sampled from (a likelihood ratio): the trained
+    #: field must then be the sampled one, so ``cfg_training: conditional`` with true CFG is refused
+    scores_sampled_field: ClassVar[bool] = False
     #: the run-config keys that belong to this objective
     config_keys: ClassVar[tuple[str, ...]] = ()
     #: metrics shown on the rounds progress bar, besides the reward
@@ -98,9 +112,21 @@ class Objective(ABC):
         """Whether ``losses`` calls the reference field (a second forward)."""
         return True
 
-    def latents_per_sample(self) -> int:
-        """Latent-sized tensors a rollout keeps per sample on the training device (the memory planner's round data)."""
-        return 1
+    def round_latents(self) -> tuple[int, int]:
+        """Latent-sized tensors a rollout keeps per sample on the training device, (in the weight dtype, in
+        float32): the memory planner's round data. x1 alone by default."""
+        return 1, 0
+
+    @classmethod
+    def card_rows(cls, config: dict[str, Any]) -> list[tuple[str, str]]:
+        """The model card's rows for this objective's settings, from a run's ``config.yaml`` (its keys by default)."""
+        return [(cls.card_labels.get(k, f"`{k}`"), _card_value(config.get(k))) for k in cls.card_keys or cls.config_keys]
+
+
+def _card_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     # --- state that changes from round to round (e.g. an adaptive coefficient) -------------------------
     def end_round(self, metrics: dict[str, float]) -> dict[str, float]:

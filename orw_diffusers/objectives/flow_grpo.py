@@ -7,6 +7,7 @@ micro-batch yields.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterator
 
@@ -17,17 +18,35 @@ from ..errors import ConfigError
 from ..flow import euler_step, per_sample_noise, sample_generator
 from ..loss import clipped_ratio_loss, group_advantages
 from ..sampling import VelocityField
-from ..sde import SDE_TYPES, sde_step, window_steps
+from ..sde import KL_TYPES, SDE_TYPES, sde_step, step_kl, window_steps
 from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
+
+logger = logging.getLogger(__name__)
+
+#: a round whose share of masked samples (groups whose rewards are all equal) reaches this is warned about
+MASKED_WARNING = 0.5
 
 
 class FlowGRPO(Objective):
     name = "flow_grpo"
+    title = "Flow-GRPO"
+    card_tag = "flow-grpo"
+    card_text = (
+        "(Liu et al., 2025). Each round the current model sampled images with a stochastic (SDE) sampler, the reward "
+        "scored them, and the {trained} were updated with a clipped likelihood-ratio (PPO) loss on the sampler's "
+        "steps, driven by group-relative advantages, with a KL term (`kl_beta`) to the base model."
+    )
+    card_keys = ("kl_beta", "kl_type", "clip_range", "noise_level", "sde_type", "sde_window_size")
     config_keys = (
         "noise_level", "sde_type", "sde_window_size", "sde_window_range", "global_std", "adv_clip_max",
-        "clip_range", "kl_beta",
+        "clip_range", "kl_beta", "kl_type",
     )  # fmt: skip
     progress_keys = ("kl",)
+    scores_sampled_field = True
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.warned_masked = self.logged_batch_level = False
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -57,6 +76,8 @@ class FlowGRPO(Objective):
                 raise ConfigError(f"{key}: {getattr(cfg, key)!r} must be > 0")
         if not (math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0):
             raise ConfigError(f"kl_beta: {cfg.kl_beta!r} must be >= 0 (0 drops the KL term)")
+        if cfg.kl_type not in KL_TYPES:
+            raise ConfigError(f"kl_type: {cfg.kl_type!r} is not one of {', '.join(KL_TYPES)}")
 
     @staticmethod
     def window_range(cfg: Any) -> tuple[int, int]:
@@ -77,12 +98,17 @@ class FlowGRPO(Objective):
         self, field_fn: VelocityField, noise: torch.Tensor, sigmas: torch.Tensor, solver: str,
         indices: torch.Tensor, round_idx: int,
     ) -> RolloutRecord:  # fmt: skip
-        """SDE steps inside the window (recording latents before and after, log-prob and sigmas), Euler elsewhere."""
+        """SDE steps inside the window (recording latents before and after, log-prob and sigmas), Euler elsewhere.
+
+        The trajectory is float32 whatever the weight dtype, as Flow-GRPO keeps it: training re-scores the stored
+        steps, and a step rounded to bf16/fp16 after its log-prob was taken would give log rho != 0 with identical
+        weights (the size of ``clip_range``). x1 is returned in ``noise``'s dtype, as every objective returns it.
+        """
         cfg, n = self.cfg, len(noise)
         sigmas = sigmas.to(noise.device)
         stochastic = set(self.steps(round_idx, len(sigmas) - 1))
         sigma_max = sigmas[1].expand(n)
-        latents, records = noise, []
+        latents, records = noise.float(), []
         with torch.no_grad():
             for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
                 v = field_fn(latents, sigma.expand(n))
@@ -94,40 +120,57 @@ class FlowGRPO(Objective):
                     latents, v, sigma.expand(n), sigma_next.expand(n), cfg.noise_level, sigma_max,
                     noise=eps.to(latents.device), sde_type=cfg.sde_type,
                 )  # fmt: skip
-                next_latents = step.next_latents.to(latents.dtype)
-                records.append((latents, next_latents, step.log_prob, sigma.expand(n), sigma_next.expand(n)))
-                latents = next_latents
+                records.append((latents, step.next_latents, step.log_prob, sigma.expand(n), sigma_next.expand(n)))
+                latents = step.next_latents
         stack = lambda k: torch.stack([r[k] for r in records], dim=1)  # noqa: E731 - [n, K, ...]
         extras = {
             "step_latents": stack(0), "step_next_latents": stack(1), "step_log_prob": stack(2).cpu(),
             "step_sigma": stack(3).cpu().float(), "step_sigma_next": stack(4).cpu().float(),
             "sigma_max": sigma_max.cpu().float(),
         }  # fmt: skip
-        return RolloutRecord(latents=latents, extras=extras)
+        return RolloutRecord(latents=latents.to(noise.dtype), extras=extras)
 
     def signal(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> Signal:
+        """Group-relative advantages; samples of a group whose rewards are all equal are masked (not trained on).
+        With no group of two or more (``images_per_prompt: 1``), the batch's statistics, as Flow-GRPO does without
+        per-prompt statistics."""
         advantages, keep = group_advantages(rewards, group_ids, self.cfg.global_std, self.cfg.adv_clip_max)
+        if not self.logged_batch_level and torch.unique(group_ids, return_counts=True)[1].max() < 2:
+            self.logged_batch_level = True
+            logger.info("flow_grpo: one sample per prompt: advantages are taken over the whole batch, not per prompt")
+        masked = 1 - keep.float().mean()
+        if masked >= MASKED_WARNING and not self.warned_masked:
+            self.warned_masked = True
+            logger.warning(
+                "flow_grpo: %.0f%% of a round's samples are masked and not trained on: their prompt's group of "
+                "images_per_prompt = %d samples got equal rewards (masked_fraction is logged every round)",
+                100 * masked, self.cfg.images_per_prompt,
+            )  # fmt: skip
         kept = advantages[keep]
         metrics = {
             "adv_abs_mean": kept.abs().mean() if len(kept) else torch.zeros(()),
             "adv_max": advantages.abs().max(),
-            "masked_fraction": 1 - keep.float().mean(),
+            "masked_fraction": masked,
         }
-        return Signal(torch.stack([advantages, keep.float()], dim=1), metrics)  # [B, 2]
+        return Signal(torch.stack([advantages, keep.float()], dim=1), metrics, keep=keep)  # [B, 2]
 
     def needs_reference(self) -> bool:
         return self.cfg.kl_beta > 0
 
-    def latents_per_sample(self) -> int:
-        # x1, and the latents before and after each stochastic step
+    def round_latents(self) -> tuple[int, int]:
+        # x1 in the weight dtype; the float32 latents before and after each stochastic step
         steps = self.cfg.sde_window_size or self.cfg.num_sampling_steps - 1
-        return 1 + 2 * steps
+        return 1, 2 * steps
 
     def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
-        """One loss per trained step, each scaled by 1 / steps so their gradients sum to the mean."""
+        """One loss per trained step, each scaled by 1 / steps so their gradients sum to the mean.
+
+        Masked samples were dropped before micro-batching; a micro-batch's sum is divided by ``train_batch_size``,
+        so every trained sample weighs the same in every micro-batch (a row with ``keep`` 0 only pads a short one).
+        """
         cfg, ex = self.cfg, batch.extras
         advantages, keep = batch.signal[:, 0].float(), batch.signal[:, 1].float()
-        count = keep.sum().clamp_min(1.0)
+        count = float(cfg.train_batch_size)
         num_steps = ex["step_latents"].shape[1]
         device = batch.latents.device
         for k in range(num_steps):
@@ -144,20 +187,19 @@ class FlowGRPO(Objective):
                 ref_mean = sde_step(
                     x, v_ref, sigma, sigma_next, cfg.noise_level, sigma_max, next_latents=x_next, sde_type=cfg.sde_type
                 ).mean
-                dims = tuple(range(1, x.ndim))
-                # KL of two Gaussian transitions with the same std: |mean - mean_ref|^2 / (2 std^2), per element
-                per_sample = ((step.mean - ref_mean) ** 2).mean(dim=dims) / (2 * step.std.clamp_min(1e-12) ** 2)
-                kl = (per_sample * keep).sum() / count
+                kl = (step_kl(step, ref_mean, cfg.kl_type) * keep).sum() / count
                 # mean ||v - v_ref||^2 at the rollout's states: ORW's w2_loss taken on the SDE trajectory
                 gap_v = ((v.detach().float() - v_ref.float()) ** 2).mean()
             loss = policy_term + cfg.kl_beta * kl
             gap = (step.log_prob - old_log_prob).detach()
+            kept_mean = lambda t: (t.float() * keep).sum() / keep.sum().clamp_min(1.0)  # noqa: E731 - padding rows out
             yield StepLoss(
                 loss / num_steps,
                 {
                     "loss": loss.detach(), "policy_loss": policy_term.detach(), "kl": kl.detach(),
                     "velocity_gap": gap_v,
-                    "clip_fraction": ((ratio.detach() - 1).abs() > cfg.clip_range).float().mean(),
-                    "approx_kl": 0.5 * (gap**2).mean(), "log_prob_gap": gap.mean(),
+                    "clip_fraction": kept_mean((ratio.detach() - 1).abs() > cfg.clip_range),
+                    "approx_kl": kept_mean(0.5 * gap**2), "log_prob_gap": kept_mean(gap),
+                    "log_prob_gap_abs": kept_mean(gap.abs()),
                 },
             )  # fmt: skip

@@ -22,6 +22,16 @@ SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 
 class ORWCFMW2(Objective):
     name = "orw_cfm_w2"
+    title = "ORW-CFM-W2"
+    card_tag = "orw-cfm-w2"
+    card_text = (
+        "(Online Reward-Weighted Conditional Flow Matching with Wasserstein-2 regularisation; Fan et al., ICLR 2025). "
+        "Each round the current model sampled images, the reward scored them, and the {trained} were fitted to its "
+        "own samples weighted by `exp(temperature * reward)`, with a W2 term (`w2_coefficient`) keeping it close to "
+        "the base model."
+    )
+    card_keys = ("w2_coefficient", "temperature", "weight_normalization")
+    card_labels = {"w2_coefficient": "`w2_coefficient` (alpha)", "temperature": "`temperature` (tau)"}
     config_keys = (
         "w2_coefficient", "temperature", "weight_normalization", "log_w2_distance",
         "sigma_sampling", "logit_mean", "logit_std",
