@@ -94,7 +94,7 @@ def guard_section_markdown(begin: str, end: str, rows: list[list[str]], targets:
     lines = [
         begin, "",
         "## Staying close on the pixel base: a W2 budget and a held-out judge", "",
-        "The pixel base's only-even-digits runs of the section above, with `w2_target` (alpha set each round by the "
+        "The pixel base's only-even-digits runs (\"The paper's experiment on the pixel base\" above), with `w2_target` (alpha set each round by the "
         "W2 budget's controller, starting from the run's alpha) and a held-out judge (`eval_reward`, logged per round "
         "and never trained on) with the reward-hacking alarm. W2 = mean `w2_loss` over the last 20 rounds; judge = "
         "the held-out reward's mean over the same rounds; the other columns as above (1000 evaluation samples).", "",

@@ -122,12 +122,6 @@ class Objective(ABC):
         """The model card's rows for this objective's settings, from a run's ``config.yaml`` (its keys by default)."""
         return [(cls.card_labels.get(k, f"`{k}`"), _card_value(config.get(k))) for k in cls.card_keys or cls.config_keys]
 
-
-def _card_value(value: Any) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
     # --- state that changes from round to round (e.g. an adaptive coefficient) -------------------------
     def end_round(self, metrics: dict[str, float]) -> dict[str, float]:
         """After a round's optimisation: ``metrics`` are its logged scalars (reduced over processes, so every
@@ -140,6 +134,12 @@ def _card_value(value: Any) -> str:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output (an empty dict: a checkpoint written without state)."""
+
+
+def _card_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def slice_extras(extras: dict[str, torch.Tensor], rows: torch.Tensor, device: Optional[torch.device] = None) -> dict:
