@@ -2,6 +2,8 @@
 
     python -m bench.digits_pixel_sweep            # 5 alphas + the reward-free control, 2 seeds, 2 runs at a time
     python -m bench.digits_pixel_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
+    python -m bench.digits_pixel_sweep --alphas 0 0.1 --no_control --w2_target 0.05 0.15 0.5 \
+        --eval_reward digit_judge_even            # a W2 budget per target, and the held-out judge's alarm
 
 Each run is the authors' API on our loop: ``ORWCFMTrainer`` on a fresh copy of the pixel base
 (``digits.pixel.ensure_pixel_base``, unconditional), reward ``pixel_digit_reward(base, (0, 2, 4, 6, 8))``
@@ -11,7 +13,9 @@ Then 1000 samples of the fine-tuned weights (``checkpoint_dict()['net_model']``)
 (``weight_normalization: uniform``, alpha 0): what the loop does without the reward.
 
 The results go into their own section of docs/results.md (between the markers below, appended if
-absent), and one grid of 64 samples per run group into docs/images/.
+absent), and one grid of 64 samples per run group into docs/images/. With ``--w2_target`` (runs whose alpha
+the W2 budget sets, starting at ``--w2_start``) or ``--eval_reward`` (a held-out judge and the reward-hacking
+alarm in every run) the section is another one, "Staying close on the pixel base" (``GUARD_BEGIN``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import yaml
 
 from bench import REPO, markdown_table
 from bench.sweep import finish_run, mean_spread, run_child_jobs, run_job_file, update_results, write_group_grids
@@ -36,6 +42,9 @@ END = "<!-- digits_pixel_sweep: end -->"
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SIDE = 8  # grids of 8 x 8 samples
 TARGETS = {"collapse_p": 0.97, "collapse_entropy": 0.5, "p": 0.95, "entropy": 0.85, "confident": 0.85, "seconds": 120}
+GUARD_BEGIN = "<!-- digits_pixel_sweep guard: begin (written by python -m bench.digits_pixel_sweep --w2_target/--eval_reward) -->"
+GUARD_END = "<!-- digits_pixel_sweep guard: end -->"
+W2_TARGET_FACTOR = 1.5  # a W2 budget is met when the final W2 is within this factor of its target
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,11 @@ class Hyper:
     clip_samples: bool = False  # true: rollouts clamped to the data range before they are scored and trained on
     policy: str = "full"  # or "lora": peft adapters on every Linear layer, the reference = adapters disabled
     rank: int = 8  # policy lora's rank
+    eval_reward: str = ""  # a held-out judge (YAML reward spec, e.g. digit_judge_even); "": none
+    hacking_window: int = 20  # the alarm's keys (used with eval_reward)
+    hacking_min_rise: float = 0.0
+    hacking_min_drop: float = 0.1
+    w2_adapt_rate: float = 0.1  # the W2 budget's step (runs with a w2_target)
 
 
 @dataclass(frozen=True)
@@ -62,10 +76,14 @@ class RunSpec:
     alpha: float
     seed: int
     uniform: bool = False  # the reward-free control
+    w2_target: Optional[float] = None  # a W2 budget: alpha (starting at ``alpha``) is the controller's
 
 
-def plan_runs(alphas: list[float], seeds: list[int], control: bool = True) -> list[RunSpec]:
+def plan_runs(alphas: list[float], seeds: list[int], control: bool = True, w2_targets: Sequence[float] = (),
+              start_alpha: float = 0.1) -> list[RunSpec]:  # fmt: skip
     runs = [RunSpec(f"alpha{a:g}-s{s}", f"alpha = {a:g}", a, s) for a in alphas for s in seeds]
+    runs += [RunSpec(f"target{t:g}-s{s}", f"w2_target = {t:g}", start_alpha, s, w2_target=t)
+             for t in w2_targets for s in seeds]  # fmt: skip
     if control:
         runs += [RunSpec(f"control-s{s}", "control: uniform weights, alpha = 0", 0.0, s, uniform=True) for s in seeds]
     return runs
@@ -89,6 +107,12 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
         "rank": hyper.rank,
         "sample_log_interval": 0,
         "seed": spec.seed,
+        "eval_reward": yaml.safe_load(hyper.eval_reward) if hyper.eval_reward else None,
+        "hacking_window": hyper.hacking_window,
+        "hacking_min_rise": hyper.hacking_min_rise,
+        "hacking_min_drop": hyper.hacking_min_drop,
+        "w2_target": getattr(spec, "w2_target", None),
+        "w2_adapt_rate": hyper.w2_adapt_rate,
     }
 
 
@@ -130,6 +154,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "report": evaluate_images(to_judge_images(images)),
         "reward": reward_fn(images).mean().item(),  # the CNN's P(even) on the evaluation samples
         "w2_final": statistics.fmean(r["w2_loss"] for r in last),
+        "alpha_final": rows[-1]["w2_coefficient"],
+        # the held-out judges' means over the last rounds, and the first round the alarm held (None: never)
+        "eval_final": {k[len("eval/") : -len("_mean")]: statistics.fmean(r[k] for r in last)
+                       for k in rows[-1] if k.startswith("eval/")},  # fmt: skip
+        "alarm_round": next((r["epoch"] for r in rows if r.get("hacking_alarm")), None),
         "rounds": len(rows),
         "samples_seen": rows[-1]["samples_seen"],
         "train_seconds": train_seconds,
@@ -327,6 +356,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--no_control", action="store_true", help="skip the reward-free control")
+    parser.add_argument("--w2_target", type=float, nargs="+", default=[],
+                        help="also one run per seed for each W2 budget (alpha set by the controller)")
+    parser.add_argument("--w2_start", type=float, default=0.1, help="the starting alpha of the --w2_target runs")
     add_run_arguments(parser, defaults, "the pixel base (default: the cached one, built if missing)")
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite the section and grids from --work_dir's sweep_results.json, training nothing")
@@ -350,8 +382,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             base = os.path.join(work, PIXEL_BASE_NAME)
             if not os.path.isdir(base):
                 build_pixel_base(base, settings=PixelBuildSettings.mini(), progress=False)
-        hyper = Hyper(rounds=2, batch_size=8, num_sampling_steps=2)
+        hyper = Hyper(rounds=2, batch_size=8, num_sampling_steps=2, eval_reward=hyper.eval_reward, hacking_window=2)
         args.num_eval, args.jobs, args.alphas, args.seeds = 16, 1, args.alphas[:1], args.seeds[:1]
+        args.w2_target = args.w2_target[:1]
         if argv is None or "--output" not in argv:
             args.output = os.path.join(work, "results.md")
     base = base or ensure_pixel_base()
@@ -365,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.num_eval, args.eval_seed, args.jobs = saved.get("num_eval", 1000), saved.get("eval_seed", 1234), saved.get("jobs", 2)
         runs = results
     else:
-        runs = plan_runs(args.alphas, args.seeds, control=not args.no_control)
+        runs = plan_runs(args.alphas, args.seeds, not args.no_control, args.w2_target, args.w2_start)
         print(f"{len(runs)} runs, {args.jobs} at a time, in {work}", flush=True)
         results = run_all(runs, args, hyper, base, work)
     base_images = sample_pixel_digits(load_pixel_model(base), args.num_eval, seed=args.eval_seed,
@@ -376,12 +409,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             json.dump({"results": results, "base": base_report, "hyper": asdict(hyper), "command": command.strip(),
                        "num_eval": args.num_eval, "eval_seed": args.eval_seed, "jobs": args.jobs}, f)  # fmt: skip
 
-    stats = group_stats(results)
-    rows = table(stats, base_report)
-    targets, headline = check_targets(stats, args.jobs)
-    img_dir = args.img_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "images")
-    grids = write_grids(results, base_images[: GRID_SIDE**2], img_dir, work)
-    img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(args.output)))
     policy = "full fine-tuning" if hyper.policy == "full" else f"LoRA rank {hyper.rank}"
     settings = (f"{policy}, {hyper.rounds} rounds of {hyper.batch_size} samples (one Adam step each, lr {hyper.learning_rate:g}, "
                 f"no warmup, grad clip {hyper.grad_clip:g}), temperature {hyper.temperature:g}, weight_normalization "
@@ -389,14 +416,39 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"(steps_per_epoch), {hyper.num_sampling_steps} Euler steps for rollouts and evaluation, clip_samples "
                 f"{str(hyper.clip_samples).lower()}; evaluation: {args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
 
-    def section_of(discussion: str) -> str:
-        return section_markdown(rows, per_seed_table(results), targets, grids, img_rel, command.strip(), settings, discussion)
+    if hyper.eval_reward or any(r["spec"].get("w2_target") is not None for r in results):
+        from bench.guard_report import check_guard_targets, guard_section_markdown, guard_table
 
-    update_results(args.output, section_of, BEGIN, END, DISCUSSION_MARK)
+        rows = guard_table(results, hyper.rounds, work)
+        targets, headline = check_guard_targets(results, W2_TARGET_FACTOR, hyper.rounds)
+        grids: dict[str, str] = {}
+        guards = (f"eval_reward {hyper.eval_reward or 'none'}, hacking_window {hyper.hacking_window}, hacking_min_rise "
+                  f"{hyper.hacking_min_rise:g}, hacking_min_drop {hyper.hacking_min_drop:g}; w2_adapt_rate "
+                  f"{hyper.w2_adapt_rate:g}, the budget runs start at alpha {args.w2_start:g}")  # fmt: skip
+        mark = "### Discussion (staying close)"
+
+        def section_of(discussion: str) -> str:
+            return guard_section_markdown(GUARD_BEGIN, GUARD_END, rows, targets, command.strip(), settings, guards,
+                                          discussion, mark)  # fmt: skip
+
+        update_results(args.output, section_of, GUARD_BEGIN, GUARD_END, mark)
+    else:
+        stats = group_stats(results)
+        rows = table(stats, base_report)
+        targets, headline = check_targets(stats, args.jobs)
+        img_dir = args.img_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), "images")
+        grids = write_grids(results, base_images[: GRID_SIDE**2], img_dir, work)
+        img_rel = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(args.output)))
+
+        def section_of(discussion: str) -> str:
+            return section_markdown(rows, per_seed_table(results), targets, grids, img_rel, command.strip(), settings,
+                                    discussion)  # fmt: skip
+
+        update_results(args.output, section_of, BEGIN, END, DISCUSSION_MARK)
     for line in targets:
         print(line)
     print(f"{len(results)}/{len(runs)} runs done in {time.perf_counter() - start:.0f} s; wrote {args.output} and "
-          f"{len(grids)} grids to {img_dir}; raw results: {work}/sweep_results.json")
+          f"{len(grids)} grids; raw results: {work}/sweep_results.json")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": "Only even digits on the pixel base", "command": "python -m bench.digits_pixel_sweep",

@@ -12,6 +12,7 @@ import torch
 
 from .config import TrainConfig, resolve_model_path
 from .errors import ConfigError
+from .judges import Judges
 from .models import MIXED_PRECISION_DTYPES, FlowModel, LoadOptions, load_family
 from .rewards import build_reward
 
@@ -108,6 +109,13 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], num_proce
     return optimizer, scheduler
 
 
-def make_reward(cfg: TrainConfig, device: torch.device) -> Callable:
+def make_reward(cfg: TrainConfig, device: torch.device, spec: Any = None) -> Callable:
+    """The reward of ``spec`` (default: ``cfg.reward``) on ``reward_device`` (default: ``device``)."""
     reward_device = torch.device(cfg.reward_device) if cfg.reward_device else device
-    return build_reward(cfg.reward, reward_device, dtype=getattr(torch, cfg.reward_dtype), batch_size=cfg.reward_batch_size)
+    spec = cfg.reward if spec is None else spec
+    return build_reward(spec, reward_device, dtype=getattr(torch, cfg.reward_dtype), batch_size=cfg.reward_batch_size)
+
+
+def make_judges(cfg: TrainConfig, device: torch.device) -> Judges:
+    """The held-out judges of ``eval_reward`` (none when it is null), placed as the training reward is."""
+    return Judges(cfg, None if cfg.eval_reward is None else make_reward(cfg, device, cfg.eval_reward))

@@ -4,7 +4,8 @@ One checkpoint, ``checkpoint-NNNNNN`` (NNNNNN = rounds completed), holds:
 
 - ``pytorch_lora_weights.safetensors``: the trained adapter, diffusers format (``load_lora_weights`` reads it);
 - ``sampler/pytorch_lora_weights.safetensors``: the sampler adapter, same format;
-- ``trainer_state.json``: the round counter, the prompt cursor, the samples seen and the run config;
+- ``trainer_state.json``: the round counter, the prompt cursor, the samples seen, the run config and the
+  objective's and the judges' round-to-round state (``TrainerState.states``);
 - written by Accelerate's ``save_state``: ``optimizer.bin``, ``scheduler.bin``, ``scaler.pt`` (fp16 only) and
   ``random_states_<rank>.pkl`` (Python, NumPy and torch RNG states of every process).
 
@@ -51,6 +52,8 @@ class TrainerState:
     prompt_cursor: int  # position in the seeded prompt stream; = rounds_done * prompts_per_round
     samples_seen: int
     config: dict[str, Any] = field(default_factory=dict)  # the run config that wrote the checkpoint
+    # JSON state of the loop's stateful parts by name ("objective": an adaptive alpha, "judges": the alarm's window)
+    states: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_name(rounds_done: int) -> str:
@@ -239,6 +242,7 @@ RESUME_FREE_KEYS = {
     "resume_from_checkpoint", "num_epochs", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
     "report_to", "sample_log_interval", "validation_prompts", "validation_interval", "per_prompt_log_max",
     "push_to_hub", "hub_model_id", "hub_private", "log_sample_rewards",
+    "eval_reward", "hacking_window", "hacking_min_rise", "hacking_min_drop", "stop_on_reward_hacking",
 }  # fmt: skip
 
 
@@ -248,13 +252,15 @@ class StateHooks:
     ``save_state`` then writes the optimizer, scheduler, scaler and RNG states itself. Emptying its
     ``weights`` / ``models`` lists keeps it from writing the full denoiser (gigabytes of frozen
     weights) into every checkpoint.
-    ``state`` returns the ``TrainerState`` to write; ``rounds_done`` holds the restored round counter.
+    ``state`` returns the ``TrainerState`` to write; ``rounds_done`` and ``states`` hold the restored round
+    counter and ``TrainerState.states``.
     """
 
     def __init__(self, accelerator: Any, policy: Any, model: Any, module: Any, state: Any, config: dict[str, Any]):
         self.accelerator, self.policy, self.model, self.module = accelerator, policy, model, module
         self.state, self.config = state, config
         self.rounds_done = 0
+        self.states: dict[str, Any] = {}
         accelerator.register_save_state_pre_hook(self.save_hook)
         accelerator.register_load_state_pre_hook(self.load_hook)
 
@@ -269,7 +275,7 @@ class StateHooks:
         models.clear()  # nothing of the frozen model is in a checkpoint
         self.policy.load_checkpoint(directory, self.model, self.module())
         state = read_state(directory)
-        self.rounds_done = state.rounds_done
+        self.rounds_done, self.states = state.rounds_done, state.states
         if self.accelerator.is_main_process:
             now = self.config
             changed = [k for k in now if k not in RESUME_FREE_KEYS and k in state.config and state.config[k] != now[k]]

@@ -149,6 +149,17 @@ class TrainConfig:
     )
     logit_mean: float = _help("Mean of the logit-normal sigma distribution.", 0.0)
     logit_std: float = _help("Std of the logit-normal sigma distribution.", 1.0)
+    w2_target: Optional[float] = _help(
+        "A W2 budget: each round alpha is multiplied by exp(w2_adapt_rate * clip(log(w2_loss / w2_target), -1, 1)) "
+        "(PPO's adaptive KL, for W2), so that the measured w2_loss tracks this value; w2_coefficient is the starting "
+        "alpha. null: alpha stays w2_coefficient.",
+        None,
+    )
+    w2_coefficient_min: float = _help("With w2_target: the smallest alpha the controller may set (> 0).", 1.0e-4)
+    w2_coefficient_max: float = _help("With w2_target: the largest alpha the controller may set.", 100.0)
+    w2_adapt_rate: float = _help(
+        "With w2_target: the controller's step; alpha changes by at most a factor exp(w2_adapt_rate) per round.", 0.1
+    )
     # --- Flow-GRPO (objective: flow_grpo) -------------------------------------------------
     noise_level: float = _help(
         "a: the SDE's diffusion a sqrt(sigma / (1 - sigma)) on the stochastic steps (cps: std sigma_next sin(a pi/2)).",
@@ -260,6 +271,30 @@ class TrainConfig:
     reward_device: Optional[str] = _help("Device of the reward models. Default: the training device.", None)
     reward_dtype: str = _help("dtype of the reward models: 'float32', 'float16' or 'bfloat16'.", "float32")
     reward_batch_size: int = _help("Images scored per reward-model forward pass.", 32)
+    # --- held-out judges and the reward-hacking alarm (every objective) -----------------------
+    eval_reward: Any = _help(
+        "Held-out rewards (the syntax of reward), scored on every round's samples and on the validation renders "
+        "and logged as eval/<name>_mean; never trained on. null: none.",
+        None,
+    )
+    hacking_window: int = _help(
+        "Rounds the reward-hacking alarm looks back over: it fires when, over the last hacking_window rounds, the "
+        "training reward's least-squares change is >= hacking_min_rise while an eval_reward's is <= -hacking_min_drop.",
+        20,
+    )
+    hacking_min_rise: float = _help(
+        "The alarm's least rise of the mean training reward over the window, in its units (0: it did not fall; a "
+        "hacked reward often saturates before the judges fall).",
+        0.0,
+    )
+    hacking_min_drop: float = _help(
+        "The alarm's least fall of a mean eval_reward over the window, in its units; set it above the judge's noise "
+        "(docs/results.md: 0.1 for a [0, 1] judge on 128 samples per round).",
+        0.1,
+    )
+    stop_on_reward_hacking: bool = _help(
+        "When the alarm fires, save a checkpoint, the weights and the model card, and end the run.", False
+    )
 
     # --- long runs: checkpoints, logging, hub -------------------------------------------------
     checkpointing_steps: Optional[int] = _help(
@@ -706,6 +741,9 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
     if cfg.prompts_per_round is not None and cfg.prompts_per_round <= 0:
         raise ConfigError(f"prompts_per_round: {cfg.prompts_per_round!r} must be a positive integer")
     _validate_long_runs(cfg)
+    from .judges import validate_judges
+
+    validate_judges(cfg)
     return derive_sizes(cfg, num_prompts=len(prompts), num_processes=num_processes)
 
 

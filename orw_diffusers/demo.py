@@ -110,7 +110,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(summarise(results["before"], results["after"]))
 
     save_image(before_after_grid(before, after), os.path.join(args.output_dir, "before_after.png"))
-    plot_curves(rows, os.path.join(args.output_dir, "curves.png"), keys=("reward_mean", "w2_loss"))
+    plot_curves(rows, os.path.join(args.output_dir, "curves.png"),
+                keys=("reward_mean", "eval/digit_judge_even_mean", "w2_loss"))  # the judge: when the config has it
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(

@@ -2,12 +2,13 @@
 
     python -m orw_diffusers.evaluate --base stabilityai/stable-diffusion-3.5-medium --lora outputs/run \
         --prompts "a red fox in the snow" "a lighthouse at dusk" --reward clip_score \
-        [--num_images_per_prompt 4] [--seed 0] [--output_dir eval] [--num_inference_steps 28] \
+        [--eval_reward pickscore] [--num_images_per_prompt 4] [--seed 0] [--output_dir eval] [--num_inference_steps 28] \
         [--guidance_scale 4.5] [--resolution 512] [--max_sequence_length 256]
 
 Writes to ``--output_dir``: ``comparison.png`` (per prompt, a row of base images labelled "i base"
 above the fine-tuned images from the same seeds, "i fine-tuned"; each captioned with its reward), ``report.md`` and ``report.json`` (reward mean ± std per
-reward, diversity, and each prompt's mean reward base -> fine-tuned) and, when the LoRA directory has
+reward, the held-out judges of ``--eval_reward`` (default: the run's ``eval_reward``), diversity, and each
+prompt's mean reward base -> fine-tuned) and, when the LoRA directory has
 a ``metrics.jsonl``, ``curves.png`` (reward and W2 curves of the run). The markdown table is also printed.
 
 Only plain diffusers is used (``DiffusionPipeline.from_pretrained`` + ``load_lora_weights``), so the
@@ -48,6 +49,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--reward",
         required=True,
         help="reward spec as in the run config (YAML), e.g. clip_score or '{clip_score: 1, aesthetic: 0.5}'",
+    )
+    p.add_argument(
+        "--eval_reward",
+        default=None,
+        help="held-out rewards (the reward syntax), reported apart; default: the run's eval_reward (its config.yaml)",
     )
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument(
@@ -157,12 +163,15 @@ def _stats(values: torch.Tensor) -> dict[str, float]:
     return {"mean": values.mean().item(), "std": values.std(unbiased=False).item()}
 
 
-def build_report(args: argparse.Namespace, prompts: list[str], base: Scored, tuned: Scored, space: str) -> dict:
+def _compare(base: Scored, tuned: Scored) -> dict[str, dict[str, dict[str, float]]]:
+    return {name: {"base": _stats(base.components[name]), "tuned": _stats(tuned.components[name])}
+            for name in base.components}  # fmt: skip
+
+
+def build_report(args: argparse.Namespace, prompts: list[str], base: Scored, tuned: Scored, space: str,
+                 held_out: Optional[tuple[Scored, Scored]] = None) -> dict:  # fmt: skip
     n = args.num_images_per_prompt
-    rewards = {
-        name: {"base": _stats(base.components[name]), "tuned": _stats(tuned.components[name])}
-        for name in base.components
-    }
+    rewards = _compare(base, tuned)
     if len(base.components) > 1:
         rewards["total"] = {"base": _stats(base.total), "tuned": _stats(tuned.total)}
     per_prompt = []
@@ -181,6 +190,7 @@ def build_report(args: argparse.Namespace, prompts: list[str], base: Scored, tun
         "resolution": args.resolution,
         "prompts": prompts,
         "rewards": rewards,
+        "held_out": _compare(*held_out) if held_out else {},
         "diversity": {"base": base.diversity, "tuned": tuned.diversity, "space": space},
         "per_prompt": per_prompt,
         "files": {"grid": "comparison.png", "curves": None},
@@ -204,6 +214,9 @@ def report_markdown(report: dict) -> str:
     for name, s in report["rewards"].items():
         delta = s["tuned"]["mean"] - s["base"]["mean"]
         lines.append(f"| reward `{name}` | {pm(s['base'])} | {pm(s['tuned'])} | {delta:+.4g} |")
+    for name, s in report.get("held_out", {}).items():
+        delta = s["tuned"]["mean"] - s["base"]["mean"]
+        lines.append(f"| held-out `{name}` | {pm(s['base'])} | {pm(s['tuned'])} | {delta:+.4g} |")
     d = report["diversity"]
     lines.append(f"| diversity ({d['space']}) | {d['base']:.4g} | {d['tuned']:.4g} | {d['tuned'] - d['base']:+.4g} |")
     lines += [
@@ -219,6 +232,27 @@ def report_markdown(report: dict) -> str:
     if report["files"]["curves"]:
         lines += ["", "## Training curves", "", f"![curves]({report['files']['curves']})"]
     return "\n".join(lines) + "\n"
+
+
+def held_out_spec(args: argparse.Namespace) -> Any:
+    """``--eval_reward`` (YAML, checked), else the ``eval_reward`` of the run's ``config.yaml`` in ``--lora``, else None."""
+    from .rewards import parse_reward_spec
+
+    if args.eval_reward is None:
+        path = os.path.join(args.lora, "config.yaml")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return (yaml.safe_load(f) or {}).get("eval_reward")
+    try:
+        spec = yaml.safe_load(args.eval_reward)
+    except yaml.YAMLError:
+        spec = args.eval_reward
+    try:
+        parse_reward_spec(spec)
+    except ConfigError as e:
+        raise ConfigError(f"--eval_reward: {str(e).removeprefix('reward: ')}") from None
+    return spec
 
 
 def find_metrics(lora: str) -> Optional[list[dict]]:
@@ -250,6 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except yaml.YAMLError:
             reward_spec = args.reward
         parse_reward_spec(reward_spec)
+        eval_spec = held_out_spec(args)
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -276,7 +311,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = score(reward, base_images, per_image, args.reward_batch_size)
     tuned = score(reward, tuned_images, per_image, args.reward_batch_size)
     space = "reward embedding" if callable(getattr(reward, "embed", None)) else "pixels"
-    report = build_report(args, prompts, base, tuned, space)
+    held_out = None
+    if eval_spec is not None:  # judged apart from the reward: its own models, its own rows
+        judge = build_reward(eval_spec, args.reward_device or device, batch_size=args.reward_batch_size)
+        held_out = tuple(score(judge, images, per_image, args.reward_batch_size) for images in (base_images, tuned_images))
+    report = build_report(args, prompts, base, tuned, space, held_out)
 
     os.makedirs(args.output_dir, exist_ok=True)
     # Per prompt i: a row of its n base images ("i base") above its n fine-tuned ones ("i fine-tuned").

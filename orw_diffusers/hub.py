@@ -320,6 +320,7 @@ def model_card(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> 
          f"{cfg.get('rank', '—') if weights.lora else 'full fine-tuning'} / {cfg.get('learning_rate', '—')}"),
         (" / ".join(k.replace("_", " ") for k in size), " / ".join(str(cfg.get(k, "—")) for k in size)),
     ]  # fmt: skip
+    rows += staying_close_rows(cfg, read_metrics(output_dir))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     image = f"\n![samples]({summary.image})\n" if summary.image else ""
     trained = "adapter" if weights.lora else "model's weights"
@@ -352,6 +353,26 @@ in `metrics.jsonl`.
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def staying_close_rows(config: dict[str, Any], metrics: list[dict]) -> list[tuple[str, str]]:
+    """The card's rows for the W2 budget (``w2_target`` and the last round's alpha), each held-out judge
+    (``eval/<name>_mean``, first -> last round) and the reward-hacking alarm; [] for a run without them."""
+    if not metrics:
+        return []
+    first, last = metrics[0], metrics[-1]
+    rows = []
+    if config.get("w2_target") is not None:
+        rows.append(("`w2_target` (W2 budget) / alpha in the last round",
+                     f"{_fmt(config['w2_target'])} / {_fmt(last.get('w2_coefficient'))}"))  # fmt: skip
+    for key in [k for k in last if k.startswith("eval/") and k.endswith("_mean")]:
+        name = key[len("eval/") : -len("_mean")]
+        rows.append((f"held-out `{name}` (eval_reward), first → last round", f"{_fmt(first.get(key))} → {_fmt(last[key])}"))
+    fired = [row["epoch"] for row in metrics if row.get("hacking_alarm")]
+    if "hacking_alarm" in last:
+        stopped = ", the run stopped there" if fired and config.get("stop_on_reward_hacking") else ""
+        rows.append(("reward-hacking alarm", f"raised in round {fired[0]}{stopped}" if fired else "not raised"))
+    return rows
 
 
 def usage_snippet(summary: RunSummary, repo_id: Optional[str], output_dir: str) -> str:

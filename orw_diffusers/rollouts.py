@@ -4,7 +4,7 @@ field) and score with the reward, batch by batch; and the validation renders' OD
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -30,6 +30,7 @@ class Rollout:
     num_nonfinite: int
     images: torch.Tensor  # [min(n, keep_images), 3, H, W] float32 CPU, for logging
     embeddings: Optional[torch.Tensor] = None  # [n, D] from the reward's ``embed``, if it has one
+    held_out: dict[str, torch.Tensor] = field(default_factory=dict)  # eval_reward's scores, name -> [n]
 
 
 def micro_batch_rows(
@@ -98,7 +99,7 @@ class Rollouts:
     def collect(self, prompts: list[str], indices: torch.Tensor, round_idx: int, keep_images: int = 16) -> Rollout:
         """This process's samples of the round: ``prompts`` [n] at global ``indices`` [n], sampled and scored."""
         bs = self.t.cfg.sample_batch_size
-        latents, extras, rewards, images_kept, comps, bad, embeddings = [], {}, [], [], {}, 0, []
+        latents, extras, rewards, images_kept, comps, bad, embeddings, held_out = [], {}, [], [], {}, 0, [], {}
         starts = progress_bar(range(0, len(indices), bs), desc="sampling", leave=False, inner=True,
                               enabled=self.t.accelerator.is_main_process)  # fmt: skip
         for start in starts:
@@ -114,6 +115,8 @@ class Rollouts:
             rewards.append(out.rewards)
             for name, value in out.components.items():
                 comps.setdefault(name, []).append(value)
+            for name, value in self.t.judges.score(images, batch_prompts).items():  # after the reward: never trained on
+                held_out.setdefault(name, []).append(value)
             bad += out.num_nonfinite
             if callable(self.t.embed_fn):
                 with torch.no_grad():
@@ -130,4 +133,5 @@ class Rollouts:
             num_nonfinite=bad,
             images=torch.cat(images_kept)[:keep_images],
             embeddings=torch.cat(embeddings) if embeddings else None,
+            held_out={k: torch.cat(v) for k, v in held_out.items()},
         )

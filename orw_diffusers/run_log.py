@@ -97,18 +97,22 @@ class RunLog:
         with open(os.path.join(self.cfg.output_dir, "rewards.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def validation(self, rounds_done: int, images: torch.Tensor, rewards: torch.Tensor) -> None:
+    def validation(self, rounds_done: int, images: torch.Tensor, rewards: torch.Tensor,
+                   held_out: Optional[dict[str, float]] = None) -> None:  # fmt: skip
         """``samples/validation_XXXX.png`` (XXXX = rounds trained; rows labelled "base" or "N rounds"), a row
-        of ``samples/validation.jsonl``, and both to the tracker at step ``rounds_done``."""
+        of ``samples/validation.jsonl``, and both to the tracker at step ``rounds_done``. ``held_out``: the
+        eval_reward means of the renders, name -> mean."""
         captions = [f"v{i} r={r:.3g}" for i, r in enumerate(rewards.tolist())]
         ncols = min(len(images), 8)
         label = "base" if rounds_done == 0 else f"{rounds_done} rounds"
         grid = image_grid(images, ncols=ncols, captions=captions, row_labels=[label] * math.ceil(len(images) / ncols))
         save_image(grid, os.path.join(self.samples_dir, f"validation_{rounds_done:04d}.png"))
         with open(os.path.join(self.samples_dir, "validation.jsonl"), "a") as f:
-            f.write(json.dumps({"rounds_trained": rounds_done, "rewards": rewards.tolist()}) + "\n")
+            row = {"rounds_trained": rounds_done, "rewards": rewards.tolist()}
+            f.write(json.dumps({**row, "eval": held_out} if held_out else row) + "\n")
         self.image("validation", grid, step=rounds_done)
-        self.accelerator.log({"validation/reward_mean": rewards.mean().item()}, step=rounds_done)
+        numbers = {f"validation/eval/{name}_mean": mean for name, mean in (held_out or {}).items()}
+        self.accelerator.log({"validation/reward_mean": rewards.mean().item(), **numbers}, step=rounds_done)
 
 
 def truncate_jsonl(path: str, key: str, keep_below: int) -> None:

@@ -23,6 +23,7 @@ from . import build, checkpoint, hub, streams
 from .config import Sizes, TrainConfig, derive_sizes
 from .flow import per_sample_noise, sample_generator
 from .images import mean_pairwise_distance
+from .judges import EVAL_PREFIX, per_sample_rms
 from .models import FlowModel
 from .objectives import Fields, MicroBatch, Signal, build_objective
 from .objectives.base import slice_extras
@@ -94,6 +95,7 @@ class Trainer:
 
         self.reward_fn = reward_fn if reward_fn is not None else build.make_reward(cfg, self.device)
         self.embed_fn = getattr(self.reward_fn, "embed", None)
+        self.judges = build.make_judges(cfg, self.device)  # eval_reward: scored, logged, never trained on
         self.rollouts = Rollouts(self)
         self.hub_api = hub_api
         self.log = RunLog(cfg, acc, self.prompt_ids)
@@ -110,6 +112,8 @@ class Trainer:
         if self.resumed_from is not None:
             acc.load_state(self.resumed_from)  # weights, optimizer, scheduler, scaler, RNG; the round counter
             self.rounds_done = self.hooks.rounds_done
+            self.objective.load_state_dict(self.hooks.states.get("objective", {}))
+            self.judges.load_state_dict(self.hooks.states.get("judges", {}))
             if acc.is_main_process:
                 logger.info("resumed from %s: continuing at round %d", self.resumed_from, self.rounds_done)
         self.start_round = self.rounds_done
@@ -125,6 +129,7 @@ class Trainer:
             prompt_cursor=self.rounds_done * self.sizes.prompts_per_round,
             samples_seen=self.rounds_done * self.sizes.samples_per_round,
             config=self.cfg.to_dict(),
+            states={"objective": self.objective.state_dict(), "judges": self.judges.state_dict()},
         )
 
     def round_prompts(self, round_idx: int) -> list[str]:
@@ -252,6 +257,8 @@ class Trainer:
         stats = self.optimise(rollout, signal, round_idx)  # 4
         sampler = self.refresh_sampler(round_idx)  # 5
         metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, sampler)  # 6
+        metrics.update(self.objective.end_round(metrics))  # e.g. the next round's alpha under a W2 budget
+        metrics.update(self.judges.observe(round_idx, metrics))  # the reward-hacking alarm
         metrics.update(reward_by_prompt(global_rewards, sample_prompts, self.prompt_ids, self.cfg.per_prompt_log_max))
         self.log.sample_grid(round_idx, rollout.images, rollout.prompts, rollout.rewards)
         self.log.sample_rewards(round_idx, sample_prompts, global_rewards, signal.values)
@@ -278,6 +285,9 @@ class Trainer:
         }
         for name, values in rollout.components.items():
             metrics[f"reward/{name}_mean"] = self.gather_global(values, rollout.indices).mean().item()
+        for name, values in rollout.held_out.items():
+            metrics[f"{EVAL_PREFIX}{name}_mean"] = self.gather_global(values, rollout.indices).mean().item()
+        metrics["latent_rms"] = self.gather_global(per_sample_rms(rollout.latents), rollout.indices).mean().item()
         nonfinite = self.accelerator.reduce(torch.tensor(rollout.num_nonfinite, device=self.device), reduction="sum")
         metrics["reward_nonfinite"] = int(nonfinite.item())
         metrics.update({k: v.item() for k, v in stats.items() if k != "grad_norm"})
@@ -318,15 +328,18 @@ class Trainer:
         prompts = self.validation_prompts
         noise = per_sample_noise(self.latent_shape, self.cfg.seed, (0, streams.VALIDATION), range(len(prompts)))
         bs = self.cfg.sample_batch_size
-        images, rewards = [], []
+        images, rewards, held_out = [], [], {}
         for start in range(0, len(prompts), bs):
             x1 = self.rollouts.from_noise(prompts[start : start + bs], noise[start : start + bs])
             with torch.no_grad(), self.accelerator.autocast():
                 batch = self.family.decode(x1)
             rewards.append(self.rollouts.score(batch, prompts[start : start + bs]).rewards)
+            for name, values in self.judges.score(batch, prompts[start : start + bs]).items():
+                held_out.setdefault(name, []).append(values)
             images.append(batch.cpu())
         rewards_t = torch.cat(rewards)
-        self.log.validation(rounds_done, torch.cat(images), rewards_t)
+        means = {name: torch.cat(v).mean().item() for name, v in held_out.items()}
+        self.log.validation(rounds_done, torch.cat(images), rewards_t, means)
         return rewards_t
 
     # --- the loop --------------------------------------------------------------------------------
@@ -350,8 +363,14 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
             if self.validation_due(self.rounds_done):
                 self.validate(self.rounds_done)
-            checkpoint.maybe_save(self.accelerator, cfg, self.rounds_done)
+            saved = checkpoint.maybe_save(self.accelerator, cfg, self.rounds_done)
+            if self.judges.stop_requested():  # the same on every process: the alarm reads reduced means
+                if saved is None:
+                    checkpoint.save_checkpoint(acc, cfg.output_dir, self.rounds_done, cfg.checkpoints_total_limit)
+                break
         note = self.save(cfg.output_dir)
+        if self.judges.stop_requested():
+            note += f" Stopped by the reward-hacking alarm after round {self.judges.fired_at}."
         self.end_training()
         self.finish(note)
         return metrics

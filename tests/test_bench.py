@@ -82,3 +82,17 @@ def test_run_all_renders_the_summary():
     text = run_all.render({"round_efficiency": section}, "a machine", quick=False)
     assert "| the time of a round goes to the models, not to our code |" in text
     assert "4.0% per repetition; 5.0% from the medians" in text and "Reproduce: `python -m bench.round_efficiency`" in text
+
+
+def test_pixel_sweep_with_a_w2_budget_and_a_judge(tmp_path):
+    """--w2_target and --eval_reward reach the runs (their metrics) and the report's own section."""
+    section = _run("digits_pixel_sweep", tmp_path, "--w2_target", "0.5", "--eval_reward", "digit_judge_even",
+                   "--no_control", "--work_dir", str(tmp_path / "work"))  # fmt: skip
+    header = section["table"][0]
+    assert "w2_target" in header and "alarm (first round)" in header
+    assert [row[0] for row in section["table"][1:]] == ["alpha0-s0", "target0.5-s0"]
+    rows = [json.loads(line) for line in (tmp_path / "work" / "target0.5-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("eval/digit_judge_even_mean" in r and "hacking_alarm" in r for r in rows)
+    assert rows[1]["w2_coefficient"] != rows[0]["w2_coefficient"] == 0.1  # the budget moved alpha
+    text = (tmp_path / "work" / "results.md").read_text()
+    assert "## Staying close on the pixel base" in text and "## The paper's experiment on the pixel base" not in text

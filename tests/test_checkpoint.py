@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, TRAIN_SCRIPT, for_objective, python, tiny_run_config
+from conftest import REPO, TEST_REWARDS, TRAIN_SCRIPT, for_objective, python, tiny_run_config
 from orw_diffusers import checkpoint
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
@@ -51,14 +51,22 @@ def _assert_same_tensors(a: dict, b: dict):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("objective", ["orw_cfm_w2", "flow_grpo", "diffusion_nft"])
-def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_path, tmp_path, objective):
+# The W2 budget (w2_target) adapts alpha every round and the judges keep the alarm's window: both are checkpointed.
+ADAPTIVE = dict(w2_target=1e-4, w2_adapt_rate=0.5, eval_reward=f"{TEST_REWARDS}:darkness", hacking_window=2)
+
+
+@pytest.mark.parametrize(
+    "objective, extra",
+    [("orw_cfm_w2", {}), ("flow_grpo", {}), ("diffusion_nft", {}), ("orw_cfm_w2", ADAPTIVE)],
+    ids=["orw_cfm_w2", "flow_grpo", "diffusion_nft", "orw_cfm_w2-w2_target"],
+)
+def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_path, tmp_path, objective, extra):
     reward_file = tmp_path / "hanging_reward.py"
     reward_file.write_text(HANGING_REWARD)
     common = dict(
         num_epochs=4, checkpointing_steps=1, learning_rate=1e-2, lr_warmup_steps=3, log_sample_rewards=True,
         sampler_update_interval=2, sample_log_interval=1, validation_prompts=["a red cat"], validation_interval=2,
-        reward=f"{reward_file}:brightness",
+        reward=f"{reward_file}:brightness", **extra,
     )  # fmt: skip
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     values = for_objective(tiny_run_config(tiny_sd3_path, str(killed), **common), objective, sde_window_size=2)
@@ -116,6 +124,9 @@ def test_kill_during_round_3_then_resume_equals_an_uninterrupted_run(tiny_sd3_pa
     assert [r["epoch"] for r in rows_k] == [r["epoch"] for r in rows_s] == [0, 1, 2, 3]
     for a, b in zip(rows_k, rows_s):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    if "w2_target" in extra:  # alpha really moved, and the resumed rounds started from the checkpointed one
+        assert len({r["w2_coefficient"] for r in rows_s}) == 4
+        assert "eval/darkness_mean" in rows_k[3] and "hacking_alarm" in rows_k[3]
     assert [r["epoch"] for r in _rows(killed / "rewards.jsonl")] == [0, 1, 2, 3]
     assert [r["rounds_trained"] for r in _rows(killed / "samples" / "validation.jsonl")] == [0, 2, 4]
 

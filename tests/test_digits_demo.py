@@ -55,6 +55,7 @@ def test_one_round_through_the_train_script(mini_base, one_round):
     for key in ("reward_mean", "loss", "fm_loss", "w2_loss", "ess"):
         assert math.isfinite(rows[0][key]), key
     assert 0.0 <= rows[0]["reward_mean"] <= 1.0
+    assert 0.0 <= rows[0]["eval/digit_judge_even_mean"] <= 1.0  # the config's held-out judge, logged per round
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "config.yaml").exists()
     # the demo's way back in: plain diffusers + load_lora_weights
     pipe = digits.load_digits_pipeline(mini_base)

@@ -26,7 +26,8 @@ def test_report_of_a_trained_lora(tiny_sd3_path, tmp_path, capsys):
     from rewards_for_tests import brightness
 
     cfg = TrainConfig(**tiny_run_config(tiny_sd3_path, str(tmp_path / "run"), num_epochs=2, learning_rate=1e-2,
-                                        report_to="none", sample_log_interval=0))  # fmt: skip
+                                        report_to="none", sample_log_interval=0,
+                                        eval_reward=f"{TEST_REWARDS}:darkness"))  # fmt: skip
     Trainer(cfg).train()
     out = tmp_path / "eval"
     assert evaluate.main(_argv(tiny_sd3_path, cfg.output_dir, out)) == 0
@@ -56,6 +57,11 @@ def test_report_of_a_trained_lora(tiny_sd3_path, tmp_path, capsys):
     assert report["diversity"]["space"] == "pixels" and report["diversity"]["base"] > 0
     printed = capsys.readouterr().out
     assert "| reward `brightness` |" in printed and "| 1 | a blue dog |" in printed
+    # the run's eval_reward (its config.yaml) is judged apart: darkness = -brightness on the same images
+    held_out = report["held_out"]["darkness"]
+    assert held_out["tuned"]["mean"] == pytest.approx(-stats["tuned"]["mean"], rel=1e-5)
+    assert "| held-out `darkness` |" in printed
+    assert "darkness" not in report["rewards"]
 
 
 def test_an_untrained_lora_reproduces_the_base_images_exactly(tiny_sd3_path, tmp_path):
@@ -76,11 +82,14 @@ def test_an_untrained_lora_reproduces_the_base_images_exactly(tiny_sd3_path, tmp
         (["--lora", "/nonexistent/run"], "--lora"),
         (["--reward", "no_such_reward"], "unknown reward"),
         (["--num_images_per_prompt", "0"], "--num_images_per_prompt"),
+        (["--eval_reward", "no_such_judge"], "--eval_reward: unknown reward 'no_such_judge'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tiny_sd3_path, tmp_path, capsys, bad, match):
     argv = _argv(tiny_sd3_path, tmp_path, tmp_path / "eval")
     for flag, value in zip(bad[::2], bad[1::2]):
+        if flag not in argv:
+            argv += [flag, value]
         argv[argv.index(flag) + 1] = value
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip()

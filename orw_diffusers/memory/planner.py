@@ -124,6 +124,8 @@ REWARD_MODELS: dict[str, Optional[RewardModel]] = {
     "pickscore": RewardModel("hf:pickscore", "CLIP ViT-H-14 (PickScore)", 986_109_441, 8 * 2**20),
     "digit_even": RewardModel("digits", "digit CNN", 30_000, 2**20),
     "digit_in": RewardModel("digits", "digit CNN", 30_000, 2**20),
+    "digit_judge_even": None,  # an SVC on the CPU
+    "digit_judge_in": None,
     "jpeg_compressibility": None,  # PIL on the CPU
     "jpeg_incompressibility": None,
     "remote_http": None,  # another machine
@@ -208,7 +210,9 @@ class PlanSettings:
             sampler_pass=objective.needs_sampler(),
             latents_per_sample=objective.round_latents()[0],
             fp32_latents_per_sample=objective.round_latents()[1],
-            rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward)),
+            # the held-out judges (eval_reward) are loaded beside the reward, on the same device
+            rewards=tuple(spec.name for spec in parse_reward_spec(cfg.reward))
+            + (tuple(spec.name for spec in parse_reward_spec(cfg.eval_reward)) if cfg.eval_reward is not None else ()),
             reward_on_gpu=not (cfg.reward_device or "").startswith("cpu"),
             reward_dtype=cfg.reward_dtype,
             reward_batch_size=cfg.reward_batch_size,

@@ -13,8 +13,6 @@ from .orw import ORWCFMW2
 OBJECTIVES: dict[str, type[Objective]] = {
     ORWCFMW2.name: ORWCFMW2, FlowGRPO.name: FlowGRPO, DiffusionNFT.name: DiffusionNFT,
 }  # fmt: skip
-# Flow-GRPO's default of the shared kl_beta (its reference config's KL weight 0.04); belongs in flow_grpo.py.
-FlowGRPO.key_defaults = {"kl_beta": 0.04}
 
 
 def objective_class(name: str) -> type[Objective]:

@@ -144,6 +144,19 @@ class Objective(ABC):
         """The model card's rows for this objective's settings, from a run's ``config.yaml`` (its keys by default)."""
         return [(cls.card_labels.get(k, f"`{k}`"), _card_value(config.get(k))) for k in cls.card_keys or cls.config_keys]
 
+    # --- state that changes from round to round (e.g. an adaptive coefficient) -------------------------
+    def end_round(self, metrics: dict[str, float]) -> dict[str, float]:
+        """After a round's optimisation: ``metrics`` are its logged scalars (reduced over processes, so every
+        process sees the same). Update any adaptive state; return extra metrics to log for this round."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state that ``end_round`` changes; checkpointed, so a resumed run continues bitwise."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output (an empty dict: a checkpoint written without state)."""
+
 
 def _card_value(value: Any) -> str:
     if value is None:

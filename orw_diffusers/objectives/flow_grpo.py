@@ -42,6 +42,7 @@ class FlowGRPO(Objective):
         "clip_range", "kl_beta", "kl_type",
     )  # fmt: skip
     progress_keys = ("kl",)
+    key_defaults = {"kl_beta": 0.04}  # Flow-GRPO's SD3.5 configs, on its KL scale (kl_type: flow_grpo)
     scores_sampled_field = True
 
     def __init__(self, cfg: Any):

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import streams
+from ..control import adapt_coefficient
 from ..errors import ConfigError
 from ..flow import interpolate, per_sample_noise, sample_sigmas, target_velocity
 from ..loss import effective_sample_size, orw_cfm_w2_loss, reward_weights
@@ -34,6 +35,7 @@ class ORWCFMW2(Objective):
     config_keys = (
         "w2_coefficient", "temperature", "weight_normalization", "log_w2_distance",
         "sigma_sampling", "logit_mean", "logit_std",
+        "w2_target", "w2_coefficient_min", "w2_coefficient_max", "w2_adapt_rate",
     )  # fmt: skip
     progress_keys = ("w2_loss",)
 
@@ -54,6 +56,28 @@ class ORWCFMW2(Objective):
             )
         if cfg.logit_std <= 0:
             raise ConfigError(f"logit_std: {cfg.logit_std!r} must be > 0")
+        cls.validate_w2_budget(cfg)
+
+    @staticmethod
+    def validate_w2_budget(cfg: Any) -> None:
+        if cfg.w2_target is None:
+            return
+        if not math.isfinite(cfg.w2_target) or cfg.w2_target <= 0:
+            raise ConfigError(f"w2_target: {cfg.w2_target!r} must be > 0 (null turns the W2 budget off)")
+        low, high = cfg.w2_coefficient_min, cfg.w2_coefficient_max
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ConfigError(f"w2_coefficient_min, w2_coefficient_max: {low!r}, {high!r} must satisfy "
+                              f"0 < w2_coefficient_min <= w2_coefficient_max with w2_target set")  # fmt: skip
+        if not low <= cfg.w2_coefficient <= high:
+            raise ConfigError(f"w2_coefficient: {cfg.w2_coefficient!r} (the starting alpha with w2_target) must lie "
+                              f"in [w2_coefficient_min, w2_coefficient_max] = [{low!r}, {high!r}]")  # fmt: skip
+        if not (math.isfinite(cfg.w2_adapt_rate) and 0 < cfg.w2_adapt_rate <= 1):
+            raise ConfigError(f"w2_adapt_rate: {cfg.w2_adapt_rate!r} must be in (0, 1]")
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        # alpha: the config's, or with w2_target the controller's current value (checkpointed)
+        self.w2_coefficient = float(cfg.w2_coefficient)
 
     def rollout(
         self, field_fn: VelocityField, noise: torch.Tensor, sigmas: torch.Tensor, solver: str,
@@ -67,7 +91,23 @@ class ORWCFMW2(Objective):
         return Signal(weights, {"ess": effective_sample_size(weights), "weight_max": weights.max()})
 
     def needs_reference(self) -> bool:
-        return self.cfg.w2_coefficient > 0 or self.cfg.log_w2_distance
+        return self.w2_coefficient > 0 or self.cfg.log_w2_distance or self.cfg.w2_target is not None
+
+    def end_round(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Logs the alpha this round trained with; with ``w2_target``, adapts it to the round's ``w2_loss``."""
+        used, cfg = self.w2_coefficient, self.cfg
+        if cfg.w2_target is not None:
+            self.w2_coefficient = adapt_coefficient(
+                used, metrics["w2_loss"], cfg.w2_target, cfg.w2_adapt_rate, cfg.w2_coefficient_min,
+                cfg.w2_coefficient_max,
+            )  # fmt: skip
+        return {"w2_coefficient": used}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w2_coefficient": self.w2_coefficient}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.w2_coefficient = float(state.get("w2_coefficient", self.cfg.w2_coefficient))
 
     def losses(self, batch: MicroBatch, fields: Fields) -> Iterator[StepLoss]:
         cfg, latents = self.cfg, batch.latents
@@ -80,9 +120,14 @@ class ORWCFMW2(Objective):
         x_t = interpolate(latents, noise, sigmas)
         v_ref = fields.reference(x_t, sigmas) if self.needs_reference() else None
         v_pred = fields.policy(x_t, sigmas)
-        out = orw_cfm_w2_loss(v_pred, target_velocity(latents, noise), v_ref, batch.signal, cfg.w2_coefficient)
-        yield StepLoss(
-            out.loss,
-            {"loss": out.loss.detach(), "fm_loss": out.fm_loss, "weighted_fm_loss": out.weighted_fm_loss,
-             "w2_loss": out.w2_loss},
-        )  # fmt: skip
+        out = orw_cfm_w2_loss(v_pred, target_velocity(latents, noise), v_ref, batch.signal, self.w2_coefficient)
+        metrics = {"loss": out.loss.detach(), "fm_loss": out.fm_loss, "weighted_fm_loss": out.weighted_fm_loss,
+                   "w2_loss": out.w2_loss, "velocity_rms": rms(v_pred)}  # fmt: skip
+        if v_ref is not None:  # drift of the trained field from the base's, on the same states (no extra forward)
+            metrics["velocity_rms_ref"] = rms(v_ref)
+        yield StepLoss(out.loss, metrics)
+
+
+def rms(values: torch.Tensor) -> torch.Tensor:
+    """Root mean square over every element of [B, ...], detached, float32."""
+    return values.detach().float().pow(2).mean().sqrt()

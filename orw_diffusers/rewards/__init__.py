@@ -82,6 +82,8 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "remote_http": _lazy("remote", "remote_http"),
     "digit_even": _lazy("digits", "digit_even", placement=("device",)),
     "digit_in": _lazy("digits", "digit_in", placement=("device",)),
+    "digit_judge_even": _lazy("digits", "digit_judge_even", placement=()),
+    "digit_judge_in": _lazy("digits", "digit_judge_in", placement=()),
 }
 
 
