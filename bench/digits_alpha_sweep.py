@@ -26,7 +26,7 @@ from typing import Any, Optional
 import yaml
 
 from bench import REPO
-from bench.sweep import finish_run, mini_digits_base, run_child_jobs, run_job_file, write_group_grids
+from bench.sweep import field_distance, finish_run, mini_digits_base, run_child_jobs, run_job_file, write_group_grids
 
 CONFIG = os.path.join(REPO, "configs", "digits_even.yaml")
 GRPO_CONFIG = os.path.join(REPO, "configs", "digits_even_grpo.yaml")
@@ -34,6 +34,8 @@ NFT_CONFIG = os.path.join(REPO, "configs", "digits_even_nft.yaml")
 #: each objective's digits config
 CONFIGS = {"orw_cfm_w2": CONFIG, "flow_grpo": GRPO_CONFIG, "diffusion_nft": NFT_CONFIG}
 ODD_DIGITS = [1, 3, 5, 7, 9]
+#: each target's classes (reward digit_even for "even", digit_in over the classes otherwise)
+TARGET_DIGITS = {"even": [0, 2, 4, 6, 8], "odd": ODD_DIGITS, "three": [1, 4, 7]}
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
 GRID_SAMPLES = 48
 PER_RUN_KEYS = ("pretrained_model_name_or_path", "output_dir", "seed", "w2_coefficient", "log_w2_distance",
@@ -46,7 +48,7 @@ class RunSpec:
     group: str  # the table row it averages into, e.g. "alpha = 0.1"
     alpha: float
     seed: int
-    target: str = "even"  # "even" or "odd"
+    target: str = "even"  # a key of TARGET_DIGITS
     uniform: bool = False  # the reward-free control
     overrides: dict[str, Any] = field(default_factory=dict)
     objective: str = "orw_cfm_w2"  # another objective: its config of CONFIGS, and alpha is not used
@@ -62,8 +64,8 @@ def plan_runs(alphas: list[float], seeds: list[int], control_seeds: list[int], o
 
 def reward_spec(target: str, base: str) -> list[dict[str, Any]]:
     """The run's reward, reading the CNN of ``base`` (not whatever base the default cache holds)."""
-    if target == "odd":
-        return [{"name": "digit_in", "kwargs": {"digits": ODD_DIGITS, "base_path": base}}]
+    if target != "even":
+        return [{"name": "digit_in", "kwargs": {"digits": TARGET_DIGITS[target], "base_path": base}}]
     return [{"name": "digit_even", "kwargs": {"base_path": base}}]
 
 
@@ -116,9 +118,7 @@ def run_one(job: dict[str, Any]) -> None:
     result = {
         "spec": asdict(spec), "report": report,
         "reward": reward(images, prompts).rewards.mean().item(),
-        # ORW's w2_loss; Flow-GRPO's velocity_gap, the same mean ||v - v_ref||^2 at its SDE trajectory's states;
-        # DiffusionNFT's kl, the same at its forward-path states
-        "w2_final": statistics.fmean(next(r[k] for k in ("w2_loss", "velocity_gap", "kl") if k in r) for r in last),
+        "w2_final": field_distance(last),
         "samples_seen": rows[-1]["samples_seen"], "rounds": len(rows),
         "round_seconds": sum(r["seconds"] for r in rows), "train_seconds": train_seconds,
         "reward_curve": [r["reward_mean"] for r in rows],
@@ -143,9 +143,11 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, base: str, work: str,
 
 
 def target_share(result: dict) -> float:
-    """P(even) for the even runs and the control, P(odd) for the odd run (judged by the SVC)."""
-    p_even = result["report"]["p_even"]
-    return 1 - p_even if result["spec"]["target"] == "odd" else p_even
+    """The share of samples the SVC judges in the run's target classes (P(even) for the even runs and the control)."""
+    r = result["report"]
+    if result["spec"]["target"] == "even":
+        return r["p_even"]
+    return sum(r["histogram"][d] for d in TARGET_DIGITS[result["spec"]["target"]])
 
 
 def target_entropy(result: dict) -> float:
@@ -154,8 +156,8 @@ def target_entropy(result: dict) -> float:
     from orw_diffusers.digits import subset_entropy
 
     r = result["report"]
-    if result["spec"]["target"] == "odd":
-        return subset_entropy(torch.tensor(r["histogram"]), tuple(ODD_DIGITS))
+    if result["spec"]["target"] != "even":
+        return subset_entropy(torch.tensor(r["histogram"]), tuple(TARGET_DIGITS[result["spec"]["target"]]))
     return max(0.0, r["even_entropy"])  # results written before subset_entropy may hold -0.0
 
 

@@ -28,13 +28,14 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 import yaml
 
 from bench import REPO, markdown_table
-from bench.sweep import finish_run, mean_spread, run_child_jobs, run_job_file, update_results, write_group_grids
+from bench.sweep import (field_distance, finish_run, mean_spread, run_child_jobs, run_job_file, update_results,
+                         write_group_grids)  # fmt: skip
 
 EVEN = (0, 2, 4, 6, 8)
 BEGIN = "<!-- digits_pixel_sweep: begin (written by python -m bench.digits_pixel_sweep) -->"
@@ -77,6 +78,9 @@ class RunSpec:
     seed: int
     uniform: bool = False  # the reward-free control
     w2_target: Optional[float] = None  # a W2 budget: alpha (starting at ``alpha``) is the controller's
+    objective: str = "orw_cfm_w2"  # another: ORW's keys (alpha, temperature, ...) are left out, ``overrides`` set
+    classes: tuple[int, ...] = EVEN  # the reward: P(classes) under the base's CNN
+    overrides: dict[str, Any] = field(default_factory=dict)  # more trainer config keys
 
 
 def plan_runs(alphas: list[float], seeds: list[int], control: bool = True, w2_targets: Sequence[float] = (),
@@ -91,7 +95,7 @@ def plan_runs(alphas: list[float], seeds: list[int], control: bool = True, w2_ta
 
 def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
     """The ``ORWCFMTrainer`` config of one run: the original's keys, plus a few of ours."""
-    return {
+    config = {
         "learning_rate": hyper.learning_rate,
         "warmup_steps": 0,
         "w2_coefficient": spec.alpha,
@@ -114,6 +118,13 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
         "w2_target": getattr(spec, "w2_target", None),
         "w2_adapt_rate": hyper.w2_adapt_rate,
     }
+    objective = getattr(spec, "objective", "orw_cfm_w2")
+    if objective != "orw_cfm_w2":
+        from orw_diffusers.objectives import objective_class
+
+        config = {k: v for k, v in config.items() if k not in objective_class("orw_cfm_w2").config_keys}
+        config["objective"] = objective
+    return {**config, **getattr(spec, "overrides", {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +155,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     spec, hyper, base, out_dir = RunSpec(**job["spec"]), Hyper(**job["hyper"]), job["base"], job["out_dir"]
-    reward_fn = pixel_digit_reward(base, EVEN)
+    reward_fn = pixel_digit_reward(base, tuple(spec.classes))
     tuned, train_seconds = fine_tune(trainer_config(spec, hyper, out_dir), base, reward_fn, hyper)
     images = sample_pixel_digits(tuned, job["num_eval"], seed=job["eval_seed"], num_steps=hyper.num_sampling_steps)
     rows = read_metrics(out_dir)
@@ -152,9 +163,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     result = {
         "spec": asdict(spec),
         "report": evaluate_images(to_judge_images(images)),
-        "reward": reward_fn(images).mean().item(),  # the CNN's P(even) on the evaluation samples
-        "w2_final": statistics.fmean(r["w2_loss"] for r in last),
-        "alpha_final": rows[-1]["w2_coefficient"],
+        "reward": reward_fn(images).mean().item(),  # the CNN's P(classes) on the evaluation samples
+        "w2_final": field_distance(last),
+        "alpha_final": rows[-1].get("w2_coefficient"),
         # the held-out judges' means over the last rounds, and the first round the alarm held (None: never)
         "eval_final": {k[len("eval/") : -len("_mean")]: statistics.fmean(r[k] for r in last)
                        for k in rows[-1] if k.startswith("eval/")},  # fmt: skip

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from bench import REPO
 
@@ -37,13 +37,29 @@ def finish_run(out_dir: str, result: dict[str, Any], grid_images: Any) -> dict[s
     return result
 
 
+def finished_result(job: dict) -> Optional[dict]:
+    """The run's ``sweep_result.json`` if an earlier run of the same job file finished it, else None."""
+    job_path, path = os.path.join(job["out_dir"], "job.json"), os.path.join(job["out_dir"], "sweep_result.json")
+    if not (os.path.isfile(job_path) and os.path.isfile(path)):
+        return None
+    with open(job_path) as f:
+        if json.load(f) != json.loads(json.dumps(job)):  # another job in the same folder: run it again
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_child_jobs(jobs: list[dict], module: str, max_jobs: int, env: dict[str, str],
-                   summary: Callable[[dict], str]) -> list[dict]:  # fmt: skip
+                   summary: Callable[[dict], str], resume: bool = False) -> list[dict]:  # fmt: skip
     """Run ``python -m module --one <out_dir>/job.json`` for each job (``max_jobs`` at a time, output in
     ``<out_dir>/run.log``) and return each child's ``<out_dir>/sweep_result.json`` as it finishes. A failed
-    child is reported and left out."""
+    child is reported and left out. ``resume``: a job whose folder holds its finished result is not run again."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    pending, active, results = list(jobs), [], []
+    done = [finished_result(job) if resume else None for job in jobs]
+    pending, active = [job for job, result in zip(jobs, done) if result is None], []
+    results = [result for result in done if result is not None]
+    for result in results:
+        print(f"{result['spec']['name']}: finished before, {summary(result)}", flush=True)
     while pending or active:
         while pending and len(active) < max_jobs:
             job = pending.pop(0)
@@ -70,6 +86,16 @@ def run_child_jobs(jobs: list[dict], module: str, max_jobs: int, env: dict[str, 
                 results.append(json.load(f))
             print(f"{name}: {time.perf_counter() - t0:.0f} s, {summary(results[-1])}", flush=True)
     return results
+
+
+#: the distance to the base each objective logs, the same mean ||v_theta - v_ref||^2 on the trained field: ORW's
+#: w2_loss and DiffusionNFT's kl at forward-path states, Flow-GRPO's velocity_gap at its SDE trajectory's states
+DISTANCE_KEYS = ("w2_loss", "velocity_gap", "kl")
+
+
+def field_distance(rows: list[dict]) -> float:
+    """The mean over ``rows`` (metrics.jsonl rows) of the first of ``DISTANCE_KEYS`` each holds."""
+    return statistics.fmean(next(r[k] for k in DISTANCE_KEYS if k in r) for r in rows)
 
 
 def write_group_grids(results: list[dict], work: str, img_dir: str, prefix: str, write: Callable[[Any, str], Any],

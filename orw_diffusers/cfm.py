@@ -45,6 +45,8 @@ RENAMED_KEYS = {
 #: to ``load_pretrained``
 SPECIAL_KEYS = ("batch_size", "text_prompts", "use_wandb", "ref_path", "checkpoint_key")
 REQUIRED_KEYS = ("learning_rate", "w2_coefficient", "temperature", "batch_size")
+#: required only with the original's objective (the default): another ``objective`` takes its own keys
+ORW_ONLY_KEYS = ("w2_coefficient", "temperature")
 #: where this API's defaults differ from a run config's: the original's behaviour
 ORIGINAL_DEFAULTS: dict[str, Any] = {
     "weight_normalization": "none",  # raw exp(temperature * r)
@@ -64,14 +66,17 @@ def run_config(config: Mapping[str, Any], reward_given: bool, num_rounds: int, s
 
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: expected a dict of keys to values, got {type(config).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in config]
+    orw = config.get("objective", "orw_cfm_w2") == "orw_cfm_w2"
+    missing = [k for k in REQUIRED_KEYS if k not in config and (orw or k not in ORW_ONLY_KEYS)]
     if not reward_given and "text_prompts" not in config and "reward" not in config:
         missing.append("text_prompts")
     if missing:
-        raise ConfigError(f"config: missing key {missing[0]!r} (required: {', '.join(REQUIRED_KEYS)}, "
+        raise ConfigError(f"config: missing key {missing[0]!r} (required: {', '.join(REQUIRED_KEYS)}; "
+                          f"{' and '.join(ORW_ONLY_KEYS)} only with objective orw_cfm_w2, "
                           f"and text_prompts unless a reward_fn is given)")  # fmt: skip
     ours = set(field_names())
-    values: dict[str, Any] = dict(ORIGINAL_DEFAULTS)
+    # weight_normalization is ORW-CFM-W2's key: another objective would refuse it
+    values: dict[str, Any] = {k: v for k, v in ORIGINAL_DEFAULTS.items() if orw or k != "weight_normalization"}
     for key, value in config.items():
         if key in SPECIAL_KEYS:
             continue
