@@ -96,3 +96,25 @@ def test_pixel_sweep_with_a_w2_budget_and_a_judge(tmp_path):
     assert rows[1]["w2_coefficient"] != rows[0]["w2_coefficient"] == 0.1  # the budget moved alpha
     text = (tmp_path / "work" / "results.md").read_text()
     assert "## Staying close on the pixel base" in text and "## The paper's experiment on the pixel base" not in text
+
+
+def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_path):
+    """The frontier's plumbing on one base and target (the SD3 base's runner is the alpha sweep's, tested with it):
+    each objective trains through ORWCFMTrainer, its result holds what the table needs, and a rerun reuses it."""
+    frontier = importlib.import_module("bench.frontier")
+    work = tmp_path / "work"
+    argv = ["--quick", "--bases", "pixel", "--targets", "three", "--work_dir", str(work)]
+    assert frontier.main(argv) == 0
+    runs = sorted(d for d in work.iterdir() if (d / "sweep_result.json").exists())
+    results = [json.loads((d / "sweep_result.json").read_text()) for d in runs]
+    assert sorted(r["frontier"]["objective"] for r in results) == sorted(frontier.KNOBS)
+    distance = {"orw_cfm_w2": "w2_loss", "flow_grpo": "velocity_gap", "diffusion_nft": "kl"}
+    for run, result in zip(runs, results):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(distance[result["frontier"]["objective"]] in r for r in rows)  # that objective's loss ran
+        assert result["spec"]["classes"] == [1, 4, 7] and len(result["reward_curve"]) == 2
+        assert result["per_round"] == 8 and result["passes_per_round"] >= 6  # at least the 6 sampling steps
+    assert (work / "frontier_pixel_three.png").is_file()
+    stamps = [(d / "sweep_result.json").stat().st_mtime_ns for d in runs]
+    assert frontier.main(argv) == 0
+    assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps  # nothing trained again

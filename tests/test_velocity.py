@@ -417,6 +417,28 @@ def test_bad_config_is_a_one_line_error(config, reward, match):
     _one_line(excinfo)
 
 
+@pytest.mark.parametrize("objective, metric", [("flow_grpo", "velocity_gap"), ("diffusion_nft", "kl")])
+def test_another_objective_runs_through_the_api_without_orw_keys(tmp_path, objective, metric):
+    """w2_coefficient and temperature are required only with the original's objective; the API's ORW default
+    (weight_normalization: none) is not passed to another one, which would refuse it."""
+    from orw_diffusers.hub import read_metrics
+
+    config = {k: v for k, v in cfm_config(tmp_path, objective=objective, kl_beta=0.1).items()
+              if k not in ("w2_coefficient", "temperature")}  # fmt: skip
+    if objective == "flow_grpo":
+        config["sde_window_size"] = 1
+    before = copy.deepcopy(tiny_mlp().state_dict())
+    trainer = ORWCFMTrainer(tiny_mlp(), config, "cpu", reward_fn=brightness)
+    trainer.train(num_epochs=2, steps_per_epoch=1)
+    rows = read_metrics(config["savedir"])
+    assert len(rows) == 2 and all(metric in r for r in rows)
+    assert trainer.trainer.cfg.objective == objective
+    after = trainer.checkpoint_dict()["net_model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # every weight is the policy's: trained
+    with pytest.raises(ConfigError, match="missing key 'w2_coefficient'"):
+        ORWCFMTrainer(tiny_mlp(), {**config, "objective": "orw_cfm_w2"}, "cpu", reward_fn=brightness)
+
+
 def test_bad_models_and_rewards_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="differs from its input") as excinfo:
         ORWCFMTrainer(WrongShape(), cfm_config(tmp_path), "cpu", reward_fn=brightness).train(1, 1)
