@@ -9,11 +9,20 @@ The runs are the existing runners: ``bench.digits_alpha_sweep`` (the training sc
 config, 150 rounds of 32 samples) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set,
 its rounds of ``batch_size`` samples); so every objective spends the same reward queries on a base. Each run is
 judged by the SVC the training never sees. A run whose folder holds its result is not run again.
+
+Columns: P(target) and the entropy within the target classes (in units of ln k, k target classes) by the SVC;
+rel. conf. = the SVC's >= 90% share relative to real digits; W2 = mean ||v_theta - v_ref||^2 over the last 20
+rounds, the one estimator each objective logs (``bench.sweep.DISTANCE_KEYS``: ORW's ``w2_loss`` and DiffusionNFT's
+``kl`` at forward-path states, Flow-GRPO's ``velocity_gap`` at its SDE trajectory's states); queries = reward
+queries until a round's mean *training* reward (the CNN) first reaches ``--level``; passes / round = forward calls
+of the transformer (or pixel MLP) per round while training, each over one batch (CFG's two branches are one call;
+backward passes are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -160,7 +169,7 @@ def table(groups: dict[tuple, list[dict]], level: float) -> list[list[str]]:
 
 def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
     """One PNG per base and target: P(target) and entropy against W2, a curve per objective (mean over seeds,
-    error bars: half the range)."""
+    error bars: the seeds' range)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,10 +185,10 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
             if not points:
                 continue
             for ax, i, label in ((axes[0], 1, "P(target)"), (axes[1], 2, "entropy within the target (ln k)")):
-                mid = lambda v: (max(v) + min(v)) / 2  # noqa: E731
-                half = lambda v: (max(v) - min(v)) / 2  # noqa: E731
-                ax.errorbar([mid(p[0]) for p in points], [mid(p[i]) for p in points], xerr=[half(p[0]) for p in points],
-                            yerr=[half(p[i]) for p in points], marker="o", capsize=3, label=objective)  # fmt: skip
+                mean = [[statistics.fmean(p[j]) for p in points] for j in (0, i)]
+                spread = [[[m - min(p[j]) for m, p in zip(mean[k], points)], [max(p[j]) - m for m, p in zip(mean[k], points)]]
+                          for k, j in enumerate((0, i))]  # from the lowest seed to the highest
+                ax.errorbar(*mean, xerr=spread[0], yerr=spread[1], marker="o", capsize=3, label=objective)
                 ax.set_xscale("log")
                 ax.set_xlabel("W2 (mean ||v - v_ref||^2, last 20 rounds)")
                 ax.set_ylabel(label)
@@ -200,6 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--objectives", nargs="+", choices=tuple(KNOBS), default=list(KNOBS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--knob_index", type=int, choices=(0, 1, 2), default=None, help="one value of each knob")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: SD3 150, pixel 1000)")
     parser.add_argument("--level", type=float, default=0.9, help="training reward level of the queries column")
     parser.add_argument("--num_eval", type=int, default=500, help="evaluation samples per SD3 run")
     parser.add_argument("--pixel_eval", type=int, default=1000, help="evaluation samples per pixel run")
@@ -230,7 +240,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         hyper = pixel.Hyper(rounds=2, batch_size=8, num_sampling_steps=6)
         args.num_eval, args.pixel_eval, args.eval_steps, args.seeds = 16, 16, 2, args.seeds[:1]
         args.knob_index = 1 if args.knob_index is None else args.knob_index
-    else:
+    if args.rounds:  # a shorter (or longer) budget, the same for every objective
+        extra["num_epochs"], hyper = args.rounds, dataclasses.replace(hyper, rounds=args.rounds)
+    if not args.quick:
         bases = {kind: (digits.ensure_digits_base() if kind == "sd3" else ensure_pixel_base()) for kind in args.bases}
     jobs = plan(args, bases, work, extra, hyper)
     rounds = {"sd3": extra.get("num_epochs", 150), "pixel": hyper.rounds}
