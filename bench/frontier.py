@@ -3,7 +3,7 @@ knob, on the SD3 digits base (LoRA) and the pixel base (full fine-tuning), two t
 
     python -m bench.frontier --work_dir /tmp/frontier            # the whole table (resumable: rerun to continue)
     python -m bench.frontier --quick                             # plumbing only: mini bases, 2 rounds, 1 seed
-    python -m bench.frontier --bases sd3 --targets even --seeds 0 --knob_index 1 --work_dir /tmp/fr-slice
+    python -m bench.frontier --bases sd3 --targets even --seeds 0 --knob_index 1 2 --work_dir /tmp/fr-slice
 
 The runs are the existing runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
 config, 150 rounds of 32 samples) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set,
@@ -45,9 +45,10 @@ KNOBS = {"orw_cfm_w2": ("w2_coefficient", (0.03, 0.1, 0.3)), "flow_grpo": ("kl_b
          "diffusion_nft": ("kl_beta", (1e-4, 1e-2, 1.0))}  # fmt: skip
 TARGETS = ("even", "three")  # sd3.TARGET_DIGITS: even digits, and {1, 4, 7}
 BASES = ("sd3", "pixel")
-#: seconds per round with 2 runs at a time on 2 cores (docs/results.md); the pixel ones for 128 samples a round
-SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 8.3, ("sd3", "flow_grpo"): 3.6, ("sd3", "diffusion_nft"): 4.6,
-                     ("pixel", "orw_cfm_w2"): 0.12, ("pixel", "flow_grpo"): 0.5, ("pixel", "diffusion_nft"): 1.0}
+#: seconds per round measured by this bench on 2 shared cores (SD3: 2 runs at a time, docs/results.md; pixel: 128
+#: samples a round, one run beside another; --rounds 20)
+SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("sd3", "diffusion_nft"): 3.54,
+                     ("pixel", "orw_cfm_w2"): 0.14, ("pixel", "flow_grpo"): 0.41, ("pixel", "diffusion_nft"): 0.92}
 #: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps
 PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}}
 MODEL_CLASSES = ("SD3Transformer2DModel", "PixelVelocityMLP")  # the transformer passes counted per round
@@ -55,13 +56,13 @@ BEGIN, END = "<!-- frontier: begin (written by python -m bench.frontier --docs) 
 
 
 def plan(args: argparse.Namespace, bases: dict[str, str], work: str, extra: dict, hyper: Any) -> list[dict]:
-    """One job file per base x target x objective x knob value x seed (``args.knob_index``: one value only)."""
+    """One job file per base x target x objective x knob value x seed (``args.knob_index``: those values only)."""
     jobs = []
     for kind in args.bases:
         for target in args.targets:
             for objective in args.objectives:
                 knob, values = KNOBS[objective]
-                for value in values if args.knob_index is None else values[args.knob_index:][:1]:
+                for value in values if args.knob_index is None else [values[i] for i in args.knob_index]:
                     for seed in args.seeds:
                         name, group = f"{kind}-{target}-{objective}-{knob}{value:g}-s{seed}", f"{knob} = {value:g}"
                         orw, keys = objective == "orw_cfm_w2", {} if objective == "orw_cfm_w2" else {knob: value}
@@ -208,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--objectives", nargs="+", choices=tuple(KNOBS), default=list(KNOBS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--knob_index", type=int, choices=(0, 1, 2), default=None, help="one value of each knob")
+    parser.add_argument("--knob_index", type=int, nargs="+", choices=(0, 1, 2), default=None,
+                        help="only these values of each knob (0: the lowest)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: SD3 150, pixel 1000)")
     parser.add_argument("--level", type=float, default=0.9, help="training reward level of the queries column")
     parser.add_argument("--num_eval", type=int, default=500, help="evaluation samples per SD3 run")
@@ -239,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  "num_sampling_steps": 6}  # fmt: skip
         hyper = pixel.Hyper(rounds=2, batch_size=8, num_sampling_steps=6)
         args.num_eval, args.pixel_eval, args.eval_steps, args.seeds = 16, 16, 2, args.seeds[:1]
-        args.knob_index = 1 if args.knob_index is None else args.knob_index
+        args.knob_index = args.knob_index or [1]
     if args.rounds:  # a shorter (or longer) budget, the same for every objective
         extra["num_epochs"], hyper = args.rounds, dataclasses.replace(hyper, rounds=args.rounds)
     if not args.quick:
