@@ -168,6 +168,12 @@ def table(groups: dict[tuple, list[dict]], level: float) -> list[list[str]]:
     return rows
 
 
+def mean_and_range(seeds_per_point: list) -> tuple[list[float], list[list[float]]]:
+    """Each point's mean over its seeds, and matplotlib's error bars from the lowest seed to the highest."""
+    means = [statistics.fmean(values) for values in seeds_per_point]
+    return means, [[m - min(v) for m, v in zip(means, seeds_per_point)], [max(v) - m for m, v in zip(means, seeds_per_point)]]
+
+
 def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
     """One PNG per base and target: P(target) and entropy against W2, a curve per objective (mean over seeds,
     error bars: the seeds' range)."""
@@ -186,10 +192,8 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
             if not points:
                 continue
             for ax, i, label in ((axes[0], 1, "P(target)"), (axes[1], 2, "entropy within the target (ln k)")):
-                mean = [[statistics.fmean(p[j]) for p in points] for j in (0, i)]
-                spread = [[[m - min(p[j]) for m, p in zip(mean[k], points)], [max(p[j]) - m for m, p in zip(mean[k], points)]]
-                          for k, j in enumerate((0, i))]  # from the lowest seed to the highest
-                ax.errorbar(*mean, xerr=spread[0], yerr=spread[1], marker="o", capsize=3, label=objective)
+                (x, xerr), (y, yerr) = mean_and_range([p[0] for p in points]), mean_and_range([p[i] for p in points])
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=objective)
                 ax.set_xscale("log")
                 ax.set_xlabel("W2 (mean ||v - v_ref||^2, last 20 rounds)")
                 ax.set_ylabel(label)
