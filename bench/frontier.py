@@ -181,6 +181,7 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(img_dir, exist_ok=True)
     files = []
@@ -195,6 +196,7 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
                 (x, xerr), (y, yerr) = mean_and_range([p[0] for p in points]), mean_and_range([p[i] for p in points])
                 ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=objective)
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
                 ax.set_xlabel("W2 (mean ||v - v_ref||^2, last 20 rounds)")
                 ax.set_ylabel(label)
         axes[0].legend()
