@@ -35,7 +35,7 @@ from bench import REPO, markdown_table
 from bench import digits_alpha_sweep as sd3
 from bench import digits_pixel_sweep as pixel
 from bench.objective_comparison import first_reaching
-from bench.sweep import mean_spread, mini_digits_base, run_child_jobs, run_job_file, update_results
+from bench.sweep import finished_result, mean_spread, mini_digits_base, run_child_jobs, run_job_file, update_results
 
 #: each objective's distance knob and its values. DiffusionNFT: kl_beta, its only term tied to the base; the
 #: paper's beta (our nft_beta) and the soft-update rate (sampler_decay_*) are trust regions around the old
@@ -138,7 +138,7 @@ def summary(result: dict) -> str:
 
 
 def groups_of(jobs: list[dict], results: list[dict]) -> dict[tuple, list[dict]]:
-    """(base, target, objective, knob value) -> its finished runs ([] when every seed failed), in plan order."""
+    """(base, target, objective, knob value) -> its finished runs ([] when none finished), in plan order."""
     done = {r["spec"]["name"]: r for r in results}
     groups: dict[tuple, list[dict]] = {}
     for job in jobs:
@@ -155,7 +155,7 @@ def table(groups: dict[tuple, list[dict]], level: float) -> list[list[str]]:
     for (kind, target, objective, value), rs in groups.items():
         head = [kind, target, objective, f"{KNOBS[objective][0]} {value:g}", str(len(rs))]
         if not rs:
-            rows.append(head + ["failed: see run.log"] + [""] * 7)
+            rows.append(head + ["not finished (failed: see its run.log)"] + [""] * 7)
             continue
         stats = [target_stats(r) for r in rs]
         reached = [first_reaching(r["reward_curve"], level, r["per_round"]) for r in rs]
@@ -226,6 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir); rerun to resume")
+    parser.add_argument("--report_only", action="store_true", help="the table and plots of the finished runs only")
     parser.add_argument("--docs", action="store_true", help="PNGs into docs/img and a section of docs/results.md")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
@@ -257,10 +258,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     todo = [j for j in jobs if not os.path.isfile(os.path.join(j["out_dir"], "sweep_result.json"))]
     seconds = sum(rounds[j["frontier"]["base"]] * SECONDS_PER_ROUND[j["frontier"]["base"], j["frontier"]["objective"]]
                   for j in todo) / args.jobs  # fmt: skip
-    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time, in {work}; "
-          f"expected {seconds / 3600:.1f} h of training (from seconds per round per objective and base)", flush=True)
+    if not args.report_only:
+        print(f"{len(jobs)} runs ({len(jobs) - len(todo)} finished before), {args.jobs} at a time, in {work}; "
+              f"expected {seconds / 3600:.1f} h of training (from seconds per round per objective and base)", flush=True)
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    results = run_child_jobs(jobs, "bench.frontier", args.jobs, env, summary, resume=True)
+    if args.report_only:
+        results = [r for r in map(finished_result, jobs) if r is not None]
+    else:
+        results = run_child_jobs(jobs, "bench.frontier", args.jobs, env, summary, resume=True)
     groups = groups_of(jobs, results)
     rows = table(groups, args.level)
     command = "python -m bench.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
