@@ -52,6 +52,17 @@ SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("
 #: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps
 PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}}
 MODEL_CLASSES = ("SD3Transformer2DModel", "PixelVelocityMLP")  # the transformer passes counted per round
+INTRO = (
+    "ORW-CFM-W2, Flow-GRPO and DiffusionNFT, each at values of its distance knob (`w2_coefficient`; `kl_beta`; "
+    "DiffusionNFT's `kl_beta`, its only term tied to the base), with the same reward queries per run on a base: "
+    "the SD3 digits base with each objective's `configs/digits_even*.yaml` (LoRA, 150 rounds of 32 samples) and the "
+    "pixel base through `ORWCFMTrainer` (full fine-tuning, 1000 rounds of 128). P(target), the entropy within the "
+    "target classes (in units of ln k) and rel. conf. are the SVC's, which the fine-tuning never sees; W2 = mean "
+    "`||v_theta - v_ref||^2` over the last 20 rounds (ORW's `w2_loss`, DiffusionNFT's `kl`, Flow-GRPO's "
+    "`velocity_gap`); queries = reward queries until a round's mean training reward (the CNN) first reaches "
+    "{level:g}; time = training wall seconds, two runs at a time on 2 shared cores; passes / round = forward "
+    "calls of the transformer per round (CFG's two branches are one call; backward passes not counted)."
+)
 BEGIN, END = "<!-- frontier: begin (written by python -m bench.frontier --docs) -->", "<!-- frontier: end -->"
 
 
@@ -276,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(results)}/{len(jobs)} runs; plots: {', '.join(pngs)}")
     if args.docs:
         def section(discussion: str) -> str:
-            return "\n".join([BEGIN, "", "## The reward-distance frontier", "", f"Reproduce: `{command.strip()}`", "",
+            return "\n".join([BEGIN, "", "## The reward-distance frontier", "", INTRO.format(level=args.level), "",
+                              f"Reproduce: `{command.strip()}`", "",
                               *markdown_table(rows), "", *[f"![{os.path.basename(p)}](img/{os.path.basename(p)})"
                                                            for p in pngs], "", "### Discussion (frontier)", "",
                               discussion.strip(), "", END]) + "\n"  # fmt: skip

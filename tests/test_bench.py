@@ -118,3 +118,5 @@ def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_pa
     stamps = [(d / "sweep_result.json").stat().st_mtime_ns for d in runs]
     assert frontier.main(argv) == 0
     assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps  # nothing trained again
+    assert frontier.main([*argv, "--report_only", "--knob_index", "0", "1"]) == 1  # knob value 0 never ran
+    assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps
