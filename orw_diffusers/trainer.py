@@ -1,6 +1,6 @@
 """``Trainer``: the online round loop with Accelerate, for any objective, policy and model.
 
-Each round is a flat sequence of named phases (the README's "The method in one screen"):
+Each round is a flat sequence of named phases (docs/method.md, "The method in one screen"):
 sample -> reward -> signal -> optimise -> refresh sampler -> metrics -> log -> checkpoint.
 The loop talks to three seams and names none of their implementations: the objective
 (``objectives/``: what a rollout records, the training signal, the losses), the policy
