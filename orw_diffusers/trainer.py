@@ -7,7 +7,7 @@ The loop talks to three seams and names none of their implementations: the objec
 (``policies/``: the trained weights, the sampler and the reference) and the model (``models/``:
 shapes, sigmas, velocity, decode, conditioning). Sampling, rewards and validation renders are in
 ``rollouts.py``; the round's metrics in ``round_metrics.py``; run logs in ``run_log.py``; checkpoints and
-their hooks in ``checkpoint.py``; the model card and the Hub upload in ``hub.py``.
+their hooks in ``checkpoint.py``; the model card in ``card.py``; the Hub upload in ``hub.py``.
 """
 
 from __future__ import annotations
