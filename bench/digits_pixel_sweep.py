@@ -38,6 +38,7 @@ from bench.sweep import (field_distance, finish_run, mean_spread, run_child_jobs
                          write_group_grids)  # fmt: skip
 
 EVEN = (0, 2, 4, 6, 8)
+REWARDS = ("cnn", "robust_cnn")  # the training reward: P(even) under the base's CNN or the robust one
 BEGIN = "<!-- digits_pixel_sweep: begin (written by python -m bench.digits_pixel_sweep) -->"
 END = "<!-- digits_pixel_sweep: end -->"
 W2_LAST_ROUNDS = 20  # w2_loss is averaged over this many final rounds
@@ -68,6 +69,7 @@ class Hyper:
     hacking_min_rise: float = 0.0
     hacking_min_drop: float = 0.1
     w2_adapt_rate: float = 0.1  # the W2 budget's step (runs with a w2_target)
+    reward: str = "cnn"  # the training reward: "cnn" (the base's CNN, easy to fool) or "robust_cnn"
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     spec, hyper, base, out_dir = RunSpec(**job["spec"]), Hyper(**job["hyper"]), job["base"], job["out_dir"]
-    reward_fn = pixel_digit_reward(base, tuple(spec.classes))
+    reward_fn = pixel_digit_reward(base, tuple(spec.classes), robust=hyper.reward == "robust_cnn")
     tuned, train_seconds = fine_tune(trainer_config(spec, hyper, out_dir), base, reward_fn, hyper)
     images = sample_pixel_digits(tuned, job["num_eval"], seed=job["eval_seed"], num_steps=hyper.num_sampling_steps)
     rows = read_metrics(out_dir)
@@ -374,6 +376,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite the section and grids from --work_dir's sweep_results.json, training nothing")
     args = parser.parse_args(argv)
+    if args.reward not in REWARDS:
+        parser.error(f"--reward {args.reward!r} is not one of {', '.join(REWARDS)}")
     if args.report_only and not args.work_dir:
         parser.error("--report_only needs --work_dir (the folder holding sweep_results.json)")
     if args.one:
@@ -393,7 +397,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             base = os.path.join(work, PIXEL_BASE_NAME)
             if not os.path.isdir(base):
                 build_pixel_base(base, settings=PixelBuildSettings.mini(), progress=False)
-        hyper = Hyper(rounds=2, batch_size=8, num_sampling_steps=2, eval_reward=hyper.eval_reward, hacking_window=2)
+        hyper = Hyper(rounds=2, batch_size=8, num_sampling_steps=2, eval_reward=hyper.eval_reward, hacking_window=2,
+                      reward=hyper.reward)  # fmt: skip
         args.num_eval, args.jobs, args.alphas, args.seeds = 16, 1, args.alphas[:1], args.seeds[:1]
         args.w2_target = args.w2_target[:1]
         if argv is None or "--output" not in argv:
@@ -425,7 +430,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"no warmup, grad clip {hyper.grad_clip:g}), temperature {hyper.temperature:g}, weight_normalization "
                 f"{hyper.weight_normalization}, the sampler refreshed every {hyper.refresh} round(s) "
                 f"(steps_per_epoch), {hyper.num_sampling_steps} Euler steps for rollouts and evaluation, clip_samples "
-                f"{str(hyper.clip_samples).lower()}; evaluation: {args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
+                f"{str(hyper.clip_samples).lower()}, reward {hyper.reward}; evaluation: {args.num_eval} samples, seed {args.eval_seed}; {args.jobs} run(s) at a time")  # fmt: skip
 
     if hyper.eval_reward or any(r["spec"].get("w2_target") is not None for r in results):
         from bench.guard_report import check_guard_targets, guard_section_markdown, guard_table

@@ -522,7 +522,7 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
 
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{key}'{hint}; see the configuration reference in README.md")
+            raise ConfigError(f"unknown key '{key}'{hint}; see the configuration reference in docs/configuration.md")
         kwargs[key] = _coerce(key, value, hints[key])
         if key in _PATH_KEYS and isinstance(kwargs[key], str):
             kwargs[key] = os.path.expanduser(os.path.expandvars(kwargs[key]))

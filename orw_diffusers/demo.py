@@ -87,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"base model: {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     train_seconds = train(args.config, base, args.output_dir, extra, args.threads)
 
-    from .hub import read_metrics
+    from .card import read_metrics
     from .images import plot_curves, save_image
     from .rewards import build_reward
 

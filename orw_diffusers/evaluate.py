@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .checkpoint import LORA_WEIGHTS_NAME
-from .hub import read_metrics
+from .card import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
 from .errors import ConfigError
 

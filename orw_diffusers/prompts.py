@@ -7,7 +7,11 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+import torch
+
+from . import streams
 from .errors import ConfigError
+from .flow import sample_generator
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -78,3 +82,15 @@ def load_prompts(cfg: "TrainConfig") -> list[str]:
     if not prompts:
         raise _error(f"{sources[0]}: no prompts found")
     return prompts
+
+
+def round_prompts(prompts: list[str], seed: int, round_idx: int, per_round: int) -> list[str]:
+    """Round ``round_idx``'s ``per_round`` prompts: a cursor over seeded per-pass permutations of ``prompts``.
+
+    Depends only on ``(seed, round)``, so a resumed run draws the same prompts.
+    """
+    n, out = len(prompts), []
+    for pos in range(round_idx * per_round, (round_idx + 1) * per_round):
+        perm = torch.randperm(n, generator=sample_generator(seed, streams.PROMPT_ORDER, pos // n))
+        out.append(prompts[int(perm[pos % n])])
+    return out

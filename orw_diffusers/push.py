@@ -21,10 +21,8 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
-from .hub import (
-    CARD_NAME, UPLOAD_FAILED_EXIT_CODE, WEIGHT_FILES, HubUploadError, check_repo_id, load_hint, push_to_hub,
-    saved_weights, write_model_card,
-)  # fmt: skip
+from .card import CARD_NAME, WEIGHT_FILES, load_hint, saved_weights, write_model_card
+from .hub import UPLOAD_FAILED_EXIT_CODE, HubUploadError, check_repo_id, push_to_hub
 
 
 def configured_repo_id(output_dir: str) -> str:

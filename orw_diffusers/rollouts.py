@@ -1,5 +1,7 @@
 """Phases 1 and 2 of a round: sample with the sampler policy (the objective's rollout over the guided
-field) and score with the reward, batch by batch; and the validation renders' ODE from fixed noise."""
+field) and score with the reward, batch by batch; and the validation renders: the sampler's ODE from fixed
+noise, scored by the reward and the held-out judges, before training, every ``validation_interval`` rounds
+and after the last."""
 
 from __future__ import annotations
 
@@ -135,3 +137,37 @@ class Rollouts:
             embeddings=torch.cat(embeddings) if embeddings else None,
             held_out={k: torch.cat(v) for k, v in held_out.items()},
         )
+
+    def validation_due(self, rounds_done: int) -> bool:
+        """Before training, every ``validation_interval`` rounds, and after the last round."""
+        if not self.t.validation_prompts:
+            return False
+        cfg = self.t.cfg
+        return rounds_done == 0 or rounds_done % cfg.validation_interval == 0 or rounds_done == cfg.num_epochs
+
+    def maybe_validate(self, rounds_done: int) -> None:
+        if self.validation_due(rounds_done):
+            self.validate(rounds_done)
+
+    def validate(self, rounds_done: int) -> Optional[torch.Tensor]:
+        """Render ``validation_prompts`` from fixed noise with the sampler: the same prompts and the same
+        noise every time, so successive grids show the policy evolving. Main process only (no collective
+        inside). Returns the rewards [len(validation_prompts)] (None on other processes)."""
+        if not self.t.accelerator.is_main_process:
+            return None
+        prompts = self.t.validation_prompts
+        noise = per_sample_noise(self.t.latent_shape, self.t.cfg.seed, (0, streams.VALIDATION), range(len(prompts)))
+        bs = self.t.cfg.sample_batch_size
+        images, rewards, held_out = [], [], {}
+        for start in range(0, len(prompts), bs):
+            x1 = self.from_noise(prompts[start : start + bs], noise[start : start + bs])
+            with torch.no_grad(), self.t.accelerator.autocast():
+                batch = self.t.family.decode(x1)
+            rewards.append(self.score(batch, prompts[start : start + bs]).rewards)
+            for name, values in self.t.judges.score(batch, prompts[start : start + bs]).items():
+                held_out.setdefault(name, []).append(values)
+            images.append(batch.cpu())
+        rewards_t = torch.cat(rewards)
+        means = {name: torch.cat(v).mean().item() for name, v in held_out.items()}
+        self.t.log.validation(rounds_done, torch.cat(images), rewards_t, means)
+        return rewards_t

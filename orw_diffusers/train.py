@@ -4,7 +4,7 @@
     orw-diffusers train --config run.yaml [--key value ...]                      # one process
     accelerate launch train_scripts/train_orw_cfm_w2.py --config run.yaml       # the same, from a checkout
 
-Every key of the run config (see README.md) can be overridden on the command line, as in diffusers'
+Every key of the run config (see docs/configuration.md) can be overridden on the command line, as in diffusers'
 scripts: ``--gradient_checkpointing`` (or ``--no_gradient_checkpointing``), ``--validation_prompts "a" "b"``.
 With no ``mixed_precision`` in the run config, Accelerate's applies (``accelerate launch --mixed_precision bf16``).
 Bad values exit with code 2 and one line naming the key, before any model is loaded.

@@ -1,12 +1,13 @@
 """``Trainer``: the online round loop with Accelerate, for any objective, policy and model.
 
-Each round is a flat sequence of named phases (the README's "The method in one screen"):
+Each round is a flat sequence of named phases (docs/method.md, "The method in one screen"):
 sample -> reward -> signal -> optimise -> refresh sampler -> metrics -> log -> checkpoint.
 The loop talks to three seams and names none of their implementations: the objective
 (``objectives/``: what a rollout records, the training signal, the losses), the policy
 (``policies/``: the trained weights, the sampler and the reference) and the model (``models/``:
-shapes, sigmas, velocity, decode, conditioning). Run logs are in ``run_log.py``; checkpoints and
-their hooks in ``checkpoint.py``; the model card and the Hub upload in ``hub.py``.
+shapes, sigmas, velocity, decode, conditioning). Sampling, rewards and validation renders are in
+``rollouts.py``; the round's metrics in ``round_metrics.py``; run logs in ``run_log.py``; checkpoints and
+their hooks in ``checkpoint.py``; the model card in ``card.py``; the Hub upload in ``hub.py``.
 """
 
 from __future__ import annotations
@@ -19,25 +20,20 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from . import build, checkpoint, hub, streams
+from . import build, checkpoint, hub
 from .config import Sizes, TrainConfig, derive_sizes
-from .flow import per_sample_noise, sample_generator
-from .images import mean_pairwise_distance
-from .judges import EVAL_PREFIX, per_sample_rms
 from .models import FlowModel
 from .objectives import Fields, MicroBatch, Signal, build_objective
 from .objectives.base import slice_extras
 from .policies import build_policy
 from .progress import progress_bar
-from .prompts import load_prompts
+from .prompts import load_prompts, round_prompts
 from .rollouts import Rollout, Rollouts, micro_batch_rows
+from .round_metrics import diversity_space, round_metrics
 from .run_log import RunLog, quiet_logging, reward_by_prompt
 from .sampling import guided_field
 
 logger = logging.getLogger(__name__)
-
-# Diversity is computed on at most this many samples (the first, in global order): pdist is quadratic.
-DIVERSITY_MAX_SAMPLES = 512
 
 
 class Trainer:
@@ -59,7 +55,6 @@ class Trainer:
     ):
         from accelerate.utils import set_seed
 
-        self.cfg = cfg
         self.prompts = load_prompts(cfg)
         self.accelerator = acc = accelerator or build.make_accelerator(cfg)
         if not acc.is_main_process:  # one process speaks; the others only warn
@@ -103,8 +98,7 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             logger.info("sizes: %s", self.sizes.describe())
             logger.info("objective: %s; policy: %s", self.objective.name, self.policy.describe(cfg))
-            space = "the reward's embedding" if callable(self.embed_fn) else "latent"
-            logger.info("diversity: mean pairwise L2 distance of a round's samples in %s space", space)
+            logger.info("diversity: %s", diversity_space(self.embed_fn))
 
         self.rounds_done = 0
         self.hooks = checkpoint.StateHooks(acc, self.policy, model, lambda: self.unwrapped, self.trainer_state, cfg.to_dict())
@@ -133,16 +127,8 @@ class Trainer:
         )
 
     def round_prompts(self, round_idx: int) -> list[str]:
-        """The round's ``prompts_per_round`` prompts: a cursor over seeded per-pass permutations.
-
-        Depends only on ``(seed, round)``, so a resumed run draws the same prompts.
-        """
-        n, k = len(self.prompts), self.sizes.prompts_per_round
-        out = []
-        for pos in range(round_idx * k, (round_idx + 1) * k):
-            perm = torch.randperm(n, generator=sample_generator(self.cfg.seed, streams.PROMPT_ORDER, pos // n))
-            out.append(self.prompts[int(perm[pos % n])])
-        return out
+        """The round's ``prompts_per_round`` prompts (depends only on ``(seed, round)``: a resume draws the same)."""
+        return round_prompts(self.prompts, self.cfg.seed, round_idx, self.sizes.prompts_per_round)
 
     def sample_prompts(self, round_idx: int) -> list[str]:
         """The prompt of every sample of the round, in global order: sample i has prompt i mod k."""
@@ -157,9 +143,8 @@ class Trainer:
 
     def gather_global(self, local: torch.Tensor, indices: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
         """Gather a per-sample tensor [n, ...] from every process and put it in global index order."""
-        acc = self.accelerator
-        values = acc.gather(local.to(self.device).contiguous())
-        order = acc.gather(indices.to(self.device))
+        values = self.accelerator.gather(local.to(self.device).contiguous())
+        order = self.accelerator.gather(indices.to(self.device))
         out = torch.empty_like(values)
         out[order] = values
         return out.cpu() if to_cpu else out
@@ -240,11 +225,6 @@ class Trainer:
             logger.warning("round %d: no sample is kept by the objective's signal: nothing was trained", round_idx)
         return stats
 
-    # --- phase 5: the sampler follows the trained policy (the objective's way) ---------------------
-    def refresh_sampler(self, round_idx: int) -> dict[str, Any]:
-        steps = (round_idx + 1) * self.sizes.optimizer_steps_per_round  # optimizer steps done after this round
-        return self.objective.follow(self.policy, self.unwrapped, round_idx, steps)
-
     # --- one round -------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict[str, Any]:
         """Phases 1-6 of one round. Returns its metrics (logged by ``train``)."""
@@ -255,8 +235,9 @@ class Trainer:
         group_ids = torch.tensor([self.prompt_ids[p] for p in sample_prompts])
         signal = self.objective.signal(global_rewards, group_ids)  # 3: over the global batch
         stats = self.optimise(rollout, signal, round_idx)  # 4
-        sampler = self.refresh_sampler(round_idx)  # 5
-        metrics = self.round_metrics(round_idx, rollout, global_rewards, signal.metrics, stats, sampler)  # 6
+        steps_done = (round_idx + 1) * self.sizes.optimizer_steps_per_round  # optimizer steps after this round
+        sampler = self.objective.follow(self.policy, self.unwrapped, round_idx, steps_done)  # 5: the objective's way
+        metrics = round_metrics(self, round_idx, rollout, global_rewards, signal.metrics, stats, sampler)  # 6
         metrics.update(self.objective.end_round(metrics))  # e.g. the next round's alpha under a W2 budget
         metrics.update(self.judges.observe(round_idx, metrics))  # the reward-hacking alarm
         metrics.update(reward_by_prompt(global_rewards, sample_prompts, self.prompt_ids, self.cfg.per_prompt_log_max))
@@ -265,94 +246,14 @@ class Trainer:
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
-    # --- phase 6: metrics -------------------------------------------------------------------------
-    def round_metrics(
-        self,
-        round_idx: int,
-        rollout: Rollout,
-        global_rewards: torch.Tensor,
-        signal_metrics: dict[str, torch.Tensor],
-        stats: dict[str, torch.Tensor],
-        sampler: dict[str, Any],
-    ) -> dict[str, Any]:
-        """The round's scalars, one ``.item()`` each. Collective: every process calls it (the gathers)."""
-        metrics: dict[str, Any] = {
-            "epoch": round_idx,
-            "reward_mean": global_rewards.mean().item(),
-            "reward_std": global_rewards.std(unbiased=False).item(),
-            "reward_min": global_rewards.min().item(),
-            "reward_max": global_rewards.max().item(),
-        }
-        for name, values in rollout.components.items():
-            metrics[f"reward/{name}_mean"] = self.gather_global(values, rollout.indices).mean().item()
-        for name, values in rollout.held_out.items():
-            metrics[f"{EVAL_PREFIX}{name}_mean"] = self.gather_global(values, rollout.indices).mean().item()
-        metrics["latent_rms"] = self.gather_global(per_sample_rms(rollout.latents), rollout.indices).mean().item()
-        nonfinite = self.accelerator.reduce(torch.tensor(rollout.num_nonfinite, device=self.device), reduction="sum")
-        metrics["reward_nonfinite"] = int(nonfinite.item())
-        metrics.update({k: v.item() for k, v in stats.items() if k != "grad_norm"})
-        metrics.update({k: v.item() for k, v in signal_metrics.items()})
-        metrics.update(
-            {
-                "lr": self.lr_scheduler.get_last_lr()[0],
-                "grad_norm": stats["grad_norm"].item(),
-                "diversity": self.diversity(rollout).item(),
-                **sampler,
-                "samples_seen": (round_idx + 1) * self.sizes.samples_per_round,
-            }
-        )
-        return metrics
-
-    def diversity(self, rollout: Rollout) -> torch.Tensor:
-        """Mean pairwise L2 distance of the round's samples over all processes: in the reward's
-        embedding space when the reward has ``embed``, else between flattened latents. A collapsing
-        policy shows up here before it shows in the reward."""
-        local = rollout.embeddings if rollout.embeddings is not None else rollout.latents
-        local = local.reshape(len(rollout.indices), -1).float()
-        features = self.gather_global(local, rollout.indices, to_cpu=False)[:DIVERSITY_MAX_SAMPLES]
-        return mean_pairwise_distance(features)
-
-    # --- validation renders --------------------------------------------------------------------------
-    def validation_due(self, rounds_done: int) -> bool:
-        """Before training, every ``validation_interval`` rounds, and after the last round."""
-        if not self.validation_prompts:
-            return False
-        return rounds_done == 0 or rounds_done % self.cfg.validation_interval == 0 or rounds_done == self.cfg.num_epochs
-
-    def validate(self, rounds_done: int) -> Optional[torch.Tensor]:
-        """Render ``validation_prompts`` from fixed noise with the sampler: the same prompts and the same
-        noise every time, so successive grids show the policy evolving. Main process only (no collective
-        inside). Returns the rewards [len(validation_prompts)] (None on other processes)."""
-        if not self.accelerator.is_main_process:
-            return None
-        prompts = self.validation_prompts
-        noise = per_sample_noise(self.latent_shape, self.cfg.seed, (0, streams.VALIDATION), range(len(prompts)))
-        bs = self.cfg.sample_batch_size
-        images, rewards, held_out = [], [], {}
-        for start in range(0, len(prompts), bs):
-            x1 = self.rollouts.from_noise(prompts[start : start + bs], noise[start : start + bs])
-            with torch.no_grad(), self.accelerator.autocast():
-                batch = self.family.decode(x1)
-            rewards.append(self.rollouts.score(batch, prompts[start : start + bs]).rewards)
-            for name, values in self.judges.score(batch, prompts[start : start + bs]).items():
-                held_out.setdefault(name, []).append(values)
-            images.append(batch.cpu())
-        rewards_t = torch.cat(rewards)
-        means = {name: torch.cat(v).mean().item() for name, v in held_out.items()}
-        self.log.validation(rounds_done, torch.cat(images), rewards_t, means)
-        return rewards_t
-
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         self.log.prepare(self.start_round)
-        if self.validation_due(self.start_round):
-            self.validate(self.start_round)
+        self.rollouts.maybe_validate(self.start_round)
         metrics: dict[str, Any] = {}
-        bar = progress_bar(
-            range(self.start_round, cfg.num_epochs), desc="rounds", initial=self.start_round, total=cfg.num_epochs,
-            enabled=acc.is_main_process,
-        )  # fmt: skip
+        bar = progress_bar(range(self.start_round, cfg.num_epochs), desc="rounds", initial=self.start_round,
+                           total=cfg.num_epochs, enabled=acc.is_main_process)  # fmt: skip
         for round_idx in bar:
             metrics = self.run_round(round_idx)
             self.log.metrics(metrics)
@@ -361,8 +262,7 @@ class Trainer:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", **shown, refresh=False)
             if not math.isfinite(metrics.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss in round {round_idx}: {metrics['loss']}")
-            if self.validation_due(self.rounds_done):
-                self.validate(self.rounds_done)
+            self.rollouts.maybe_validate(self.rounds_done)
             saved = checkpoint.maybe_save(self.accelerator, cfg, self.rounds_done)
             if self.judges.stop_requested():  # the same on every process: the alarm reads reduced means
                 if saved is None:
@@ -371,18 +271,8 @@ class Trainer:
         note = self.save(cfg.output_dir)
         if self.judges.stop_requested():
             note += f" Stopped by the reward-hacking alarm after round {self.judges.fired_at}."
-        self.end_training()
         self.finish(note)
         return metrics
-
-    def end_training(self) -> None:
-        """Close the trackers and the process group, after dropping the DDP wrapper: a wrapper that still holds
-        gloo's group when the interpreter exits can abort the process after a successful run."""
-        acc = self.accelerator
-        self.transformer = self.unwrapped
-        acc.free_memory()  # accelerate's own references to the prepared model and optimizer
-        gc.collect()
-        acc.end_training()
 
     def save(self, output_dir: str) -> str:
         """The trained weights, as the policy saves them (LoRA: ``pytorch_lora_weights.safetensors``)."""
@@ -395,8 +285,15 @@ class Trainer:
         return note
 
     def finish(self, note: str) -> None:
-        """Main process, after the weights are saved: the model card, the Hub upload if asked, one summary line."""
-        if self.accelerator.is_main_process:
+        """After the weights are saved: close the trackers and the process group, after dropping the DDP wrapper (a
+        wrapper that still holds gloo's group when the interpreter exits can abort the process after a successful
+        run); then, main process only, the model card, the Hub upload if asked and one summary line."""
+        acc = self.accelerator
+        self.transformer = self.unwrapped
+        acc.free_memory()  # accelerate's own references to the prepared model and optimizer
+        gc.collect()
+        acc.end_training()
+        if acc.is_main_process:
             samples = self.rounds_done * self.sizes.samples_per_round
             hub.publish(self.cfg, f"done: {self.rounds_done} rounds, {samples} samples. {note}", api=self.hub_api)
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TRAIN_SCRIPT, tiny_run_config
 from orw_diffusers import hub, push
+from orw_diffusers.card import RunSummary, base_model_license, family_tags, model_card, validation_images
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
@@ -149,7 +150,7 @@ def test_widget_keeps_the_first_last_and_evenly_spaced_validation_grids(tmp_path
     (tmp_path / "samples").mkdir()
     for rounds in range(0, 10):
         (tmp_path / "samples" / f"validation_{rounds:04d}.png").write_bytes(b"")
-    picked = [rounds for rounds, _ in hub.validation_images(str(tmp_path))]
+    picked = [rounds for rounds, _ in validation_images(str(tmp_path))]
     assert picked == [9, 6, 3, 0]
 
 
@@ -188,15 +189,15 @@ def test_push_refuses_a_directory_without_weights(tmp_path, capsys):
 
 
 def test_card_names_a_hub_base_model_in_its_metadata(tmp_path):
-    summary = hub.RunSummary(
+    summary = RunSummary(
         base_model="stabilityai/stable-diffusion-3.5-medium", reward={"clip_score": 1.0, "aesthetic": 0.5},
         objective="orw_cfm_w2", rounds=100, samples_seen=3200, first_reward=0.25, final_reward=0.31,
         final_reward_std=0.02, final_diversity=12.5,
-        family_tags=hub.family_tags("stabilityai/stable-diffusion-3.5-medium"),
+        family_tags=family_tags("stabilityai/stable-diffusion-3.5-medium"),
         license={"license": "other", "license_name": "stabilityai-ai-community",
                  "license_link": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"},
     )  # fmt: skip
-    card = hub.model_card(summary, "me/sd35-orw", str(tmp_path))
+    card = model_card(summary, "me/sd35-orw", str(tmp_path))
     assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium"
     assert {"sd3", "sd3.5", "template:sd-lora", "diffusers-training", "lora"} <= set(card.data.tags)
     assert (card.data.license, card.data.license_name) == ("other", "stabilityai-ai-community")
@@ -224,7 +225,7 @@ def test_family_tags_from_the_pipeline_class_or_the_name(tmp_path, base, class_n
         (tmp_path / base).mkdir()
         (tmp_path / base / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
         base = str(tmp_path / base)
-    assert hub.family_tags(base) == tags
+    assert family_tags(base) == tags
 
 
 def test_license_comes_from_the_base_models_card_else_the_card_asks_for_it(tmp_path, monkeypatch):
@@ -232,9 +233,9 @@ def test_license_comes_from_the_base_models_card_else_the_card_asks_for_it(tmp_p
 
     base = tmp_path / "base"
     base.mkdir()
-    assert hub.base_model_license(str(base)) == {}  # no README.md
+    assert base_model_license(str(base)) == {}  # no README.md
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE.md\n---\n")
-    assert hub.base_model_license(str(base)) == {"license": "other", "license_name": "my-license"}  # link: local
+    assert base_model_license(str(base)) == {"license": "other", "license_name": "my-license"}  # link: local
 
     loads = []
 
@@ -243,10 +244,10 @@ def test_license_comes_from_the_base_models_card_else_the_card_asks_for_it(tmp_p
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(ModelCard, "load", offline)
-    assert hub.base_model_license("org/model") == {} and loads == ["org/model"]  # offline: fall back, no raise
+    assert base_model_license("org/model") == {} and loads == ["org/model"]  # offline: fall back, no raise
     hub_card = ModelCard("---\nlicense: other\nlicense_link: LICENSE\n---\n")
     monkeypatch.setattr(ModelCard, "load", lambda repo_id, *a, **k: hub_card)
-    assert hub.base_model_license("org/model") == {
+    assert base_model_license("org/model") == {
         "license": "other", "license_link": "https://huggingface.co/org/model/blob/main/LICENSE"
     }
 

@@ -137,8 +137,8 @@ def test_grids_validation_and_tensorboard(tiny_sd3_path, tmp_path, capsys):
     trainer = _trainer(tiny_sd3_path, tmp_path, num_epochs=2, report_to="tensorboard", sample_log_interval=1,
                        validation_prompts=["a red cat", "a dark dog", "a blue cat"], validation_interval=1,
                        learning_rate=1e-2)  # fmt: skip
-    before = trainer.validate(0)
-    assert torch.equal(before, trainer.validate(0))  # fixed noise: the same render every time
+    before = trainer.rollouts.validate(0)
+    assert torch.equal(before, trainer.rollouts.validate(0))  # fixed noise: the same render every time
     trainer.train()
     out = trainer.cfg.output_dir
     samples = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "samples", "*.png")))

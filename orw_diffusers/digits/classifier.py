@@ -43,9 +43,38 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (shifted + 0.05 * torch.randn(shifted.shape, generator=generator)).clamp(0, 1)
 
 
+def off_manifold(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images that are no digit, [B, 3, 16, 16] in [0, 1], the kinds a reward hack drifts to: uniform noise,
+    saturated random blocks (8 x 8 cells upsampled), digits with their pixels shuffled, and digits pushed to
+    extremes (a contrast 3-10x around 0.5)."""
+    n = len(like)
+    kind = torch.randint(0, 4, (n,), generator=generator)
+    noise = torch.rand(like.shape, generator=generator)
+    cells = (torch.rand(n, 1, 8, 8, generator=generator) > 0.5).float()
+    blocks = F.interpolate(cells, size=like.shape[-2:], mode="nearest").expand_as(like)
+    perm = torch.randperm(like[0, 0].numel(), generator=generator)
+    shuffled = like.flatten(2)[:, :, perm].reshape(like.shape)
+    gain = 3 + 7 * torch.rand(n, 1, 1, 1, generator=generator)
+    saturated = ((like - 0.5) * gain + 0.5).clamp(0, 1)
+    out = torch.stack([noise, blocks, shuffled, saturated], dim=1)  # [B, 4, 3, H, W]
+    return out[torch.arange(n), kind]
+
+
+def _fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    """One signed-gradient step of size ``eps`` that raises the loss of the true labels (Goodfellow et al., 2015)."""
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), labels), x)
+    return (images + eps * grad.sign()).clamp(0, 1).detach()
+
+
 def train_reward_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 40, seed: int = 0,
-                            on_epoch: Optional[Callable[[], None]] = None) -> DigitCNN:
-    """Train the reward CNN. images: float[N, 3, 16, 16] in [0, 1]; labels: long[N]. Returns it in eval mode."""
+                            on_epoch: Optional[Callable[[], None]] = None, robust: bool = False) -> DigitCNN:
+    """Train the reward CNN. images: float[N, 3, 16, 16] in [0, 1]; labels: long[N]. Returns it in eval mode.
+
+    ``robust``: each batch also trains adversarial copies of its digits (FGSM, eps 0.1) on their labels, and
+    as many off-manifold images (``off_manifold``) towards the uniform distribution over the ten classes
+    (outlier exposure, Hendrycks et al., 2019), so that an image that is no digit scores P(even) near 0.5.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitCNN()
@@ -55,7 +84,12 @@ def train_reward_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: 
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(order), 64):
             idx = order[start:start + 64]
-            loss = F.cross_entropy(model(_augment(images[idx], generator)), labels[idx])
+            batch = _augment(images[idx], generator)
+            loss = F.cross_entropy(model(batch), labels[idx])
+            if robust:
+                loss = loss + F.cross_entropy(model(_fgsm(model, batch, labels[idx], 0.1)), labels[idx])
+                outliers = model(off_manifold(batch, generator))
+                loss = loss - 0.5 * outliers.log_softmax(-1).mean()  # cross-entropy to the uniform distribution
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -252,11 +252,38 @@ def load_pixel_model(path: str) -> PixelVelocityMLP:
     return model.eval()
 
 
-def pixel_digit_reward(base_path: str, classes: tuple[int, ...], device: Any = "cpu"):
-    """Reward for ``ORWCFMTrainer``: ``images [B, 1, 8, 8] in [0, 1] -> P(class in classes)`` under the base's CNN."""
+#: the robust reward CNN, trained on first use next to the base's own (``pixel_digit_reward(robust=True)``)
+ROBUST_CLASSIFIER_DIR = "classifiers-robust-v1"
+
+
+def ensure_robust_classifier(base_path: str, seed: int = 0) -> str:
+    """``<base>/classifiers-robust-v1``: the reward CNN trained with adversarial copies of its digits and
+    off-manifold images towards uniform (``classifier.train_reward_classifier(robust=True)``, about 40 s on
+    one core); built once, under a lock, and written to a temporary sibling first."""
+    path = os.path.join(base_path, ROBUST_CLASSIFIER_DIR)
+
+    def build() -> None:
+        images, labels = load_digit_images("train")
+        tmp_dir = tempfile.mkdtemp(prefix=ROBUST_CLASSIFIER_DIR + ".tmp-", dir=base_path)
+        try:
+            save_reward_classifier(train_reward_classifier(images, labels, seed=seed, robust=True), tmp_dir)
+            os.rename(tmp_dir, path)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    return build_once(path, os.path.isdir, build)
+
+
+def pixel_digit_reward(base_path: str, classes: tuple[int, ...], device: Any = "cpu", robust: bool = False):
+    """Reward for ``ORWCFMTrainer``: ``images [B, 1, 8, 8] in [0, 1] -> P(class in classes)`` under the base's CNN.
+
+    ``robust``: under the robust CNN (``ensure_robust_classifier``), which gives an image that is no digit
+    about uniform class probabilities; the base's own CNN is easy to fool (docs/results.md).
+    """
     from .classifier import load_reward_classifier
 
-    cnn = load_reward_classifier(os.path.join(base_path, CLASSIFIER_DIR), device)
+    folder = ensure_robust_classifier(base_path) if robust else os.path.join(base_path, CLASSIFIER_DIR)
+    cnn = load_reward_classifier(folder, device)
     mask = torch.zeros(10, dtype=torch.bool)
     mask[list(classes)] = True
 

@@ -10,6 +10,7 @@ counts the bytes of every tensor alive after each operator.
 
 - ``configs``: the pipeline's configs (shipped public ones or a local diffusers directory);
 - ``trace``: models on meta and the byte counting (fused attention, CUDA autocast emulation);
+- ``plan``: the settings a plan reads (``PlanSettings``), the phases, the plan (``MemoryPlan``);
 - ``planner``: the bytes of every component per phase, the transformer's shapes read from its
   family file (``memory_architectures`` in ``models/<family>.py``), the reward models' sizes;
 - ``advice``: the first knob to turn, the largest batch sizes that fit;
@@ -22,22 +23,16 @@ validated against measured memory.
 from .advice import Advice, advise, knob_candidates, largest_batch_sizes
 from .cli import format_plan, main, parse_reward_memory
 from .configs import MODEL_CONFIG_DIR, SHIPPED_MODELS, ModelConfigs, load_model_configs
+from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, REWARD_DTYPES, WEIGHT_DTYPES, MemoryItem, MemoryPlan
+from .plan import PlanSettings
 from .planner import (
     ARCHITECTURES,
-    DEFAULT_RUNTIME_OVERHEAD,
     FALLBACK_LORA_TARGETS,
-    PHASE_HELP,
-    PHASES,
     PROMPT_CACHE_BATCH,
-    REWARD_DTYPES,
     REWARD_MEMORY_FLAG,
     REWARD_MODELS,
-    WEIGHT_DTYPES,
     Architecture,
-    MemoryItem,
-    MemoryPlan,
     MemoryPlanner,
-    PlanSettings,
     RewardModel,
     architecture,
 )

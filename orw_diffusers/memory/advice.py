@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from .planner import MemoryPlanner, PlanSettings
+from .plan import PlanSettings
+from .planner import MemoryPlanner
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,16 +11,8 @@ from typing import Optional, Sequence
 from ..errors import ConfigError
 from .advice import Advice, advise, largest_batch_sizes
 from .configs import load_model_configs
-from .planner import (
-    DEFAULT_RUNTIME_OVERHEAD,
-    PHASE_HELP,
-    PHASES,
-    REWARD_MEMORY_FLAG,
-    WEIGHT_DTYPES,
-    MemoryPlan,
-    MemoryPlanner,
-    PlanSettings,
-)
+from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, WEIGHT_DTYPES, MemoryPlan, PlanSettings
+from .planner import REWARD_MEMORY_FLAG, MemoryPlanner
 from .sizes import gib, parse_size
 
 # ------------------------------------------------------------------------------------------------
