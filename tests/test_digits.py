@@ -195,4 +195,4 @@ def test_the_robust_reward_cnn_gives_what_is_no_digit_about_uniform_probabilitie
                                                                                              ("robust", robust))}
     assert confidence["robust"] < 0.3 < confidence["plain"], confidence  # uniform is 0.1
     accuracy = (robust(held).argmax(-1) == held_labels).float().mean().item()
-    assert accuracy > 0.5  # it still reads digits after 8 epochs (chance: 0.1; 40 epochs, as built: 0.96)
+    assert accuracy > 0.5  # it still reads digits after 8 epochs (chance: 0.1)
