@@ -49,8 +49,9 @@ BASES = ("sd3", "pixel")
 #: samples a round, one run beside another; --rounds 20)
 SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("sd3", "diffusion_nft"): 3.54,
                      ("pixel", "orw_cfm_w2"): 0.14, ("pixel", "flow_grpo"): 0.41, ("pixel", "diffusion_nft"): 0.92}
-#: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps
-PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}}
+#: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps; DiffusionNFT
+#: trains as many of the grid's 20 timesteps per sample (int(20 * 0.2) = 4), so both spend 4 trained passes a sample
+PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}, "diffusion_nft": {"nft_timestep_fraction": 0.2}}
 MODEL_CLASSES = ("SD3Transformer2DModel", "PixelVelocityMLP")  # the transformer passes counted per round
 INTRO = (
     "ORW-CFM-W2, Flow-GRPO and DiffusionNFT, each at values of its distance knob (`w2_coefficient`; `kl_beta`; "
