@@ -14,11 +14,13 @@ import sys
 import tempfile
 from typing import Optional
 
+from orw_diffusers.dtypes import MIXED_PRECISIONS
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grpo_ratio_offset", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/digits_even_grpo.yaml")
-    parser.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--mixed_precision", default="bf16", choices=tuple(MIXED_PRECISIONS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 

@@ -11,9 +11,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import TrainConfig, resolve_model_path
-from .errors import ConfigError
+from .dtypes import named_dtype, precision_dtype
 from .judges import Judges
-from .models import MIXED_PRECISION_DTYPES, FlowModel, LoadOptions, load_family
+from .models import FlowModel, LoadOptions, load_family
 from .rewards import build_reward
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ def resolve_precision(cfg: TrainConfig, accelerator: Any) -> tuple[TrainConfig, 
 
 def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """The frozen weights' dtype for the accelerator's ``mixed_precision`` (trainable LoRA parameters stay fp32)."""
-    if mixed_precision not in MIXED_PRECISION_DTYPES:
-        raise ConfigError(f"mixed_precision: {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION_DTYPES)}")
-    dtype = MIXED_PRECISION_DTYPES[mixed_precision]
+    dtype = precision_dtype(mixed_precision)
     if device.type == "cpu" and dtype == torch.float16:
         logger.warning("fp16 weights are not supported on CPU; using float32 (bf16 works on CPU)")
         return torch.float32
@@ -113,7 +111,7 @@ def make_reward(cfg: TrainConfig, device: torch.device, spec: Any = None) -> Cal
     """The reward of ``spec`` (default: ``cfg.reward``) on ``reward_device`` (default: ``device``)."""
     reward_device = torch.device(cfg.reward_device) if cfg.reward_device else device
     spec = cfg.reward if spec is None else spec
-    return build_reward(spec, reward_device, dtype=getattr(torch, cfg.reward_dtype), batch_size=cfg.reward_batch_size)
+    return build_reward(spec, reward_device, dtype=named_dtype(cfg.reward_dtype), batch_size=cfg.reward_batch_size)
 
 
 def make_judges(cfg: TrainConfig, device: torch.device) -> Judges:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from .dtypes import DTYPE_NAMES, MIXED_PRECISIONS
 from .errors import ConfigError
 
 
@@ -353,8 +354,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-REWARD_DTYPES = ("float32", "float16", "bfloat16")
 CFG_TRAININGS = ("guided", "conditional")
 #: The name of the demo's CPU digits base (``orw_diffusers.digits``), resolved by ``resolve_model_path``.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -718,7 +717,7 @@ def validate(cfg: TrainConfig, num_processes: int = 1, model_given: bool = False
         "max_sequence_length",
         "reward_batch_size",
     )
-    _check_choice("reward_dtype", cfg.reward_dtype, REWARD_DTYPES)
+    _check_choice("reward_dtype", cfg.reward_dtype, DTYPE_NAMES)
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
     if not 0 <= cfg.lora_dropout < 1:

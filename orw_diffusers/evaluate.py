@@ -30,10 +30,8 @@ import yaml
 from .checkpoint import LORA_WEIGHTS_NAME
 from .card import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
+from .dtypes import DTYPE_NAMES, named_dtype
 from .errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class EvalError(ValueError):
     """A bad argument; one line, exit code 2."""
@@ -66,7 +64,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_sequence_length", type=int, default=None, help="T5 length (SD3); default: the pipeline's")
     p.add_argument("--revision", default=None, help="revision of --base")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--reward_device", default=None, help="default: --device")
     p.add_argument("--reward_batch_size", type=int, default=32)
     return p.parse_args(argv)
@@ -289,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    dtype = named_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     call_kwargs: dict[str, Any] = dict(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,

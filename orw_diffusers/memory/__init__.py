@@ -23,7 +23,7 @@ validated against measured memory.
 from .advice import Advice, advise, knob_candidates, largest_batch_sizes
 from .cli import format_plan, main, parse_reward_memory
 from .configs import MODEL_CONFIG_DIR, SHIPPED_MODELS, ModelConfigs, load_model_configs
-from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, REWARD_DTYPES, WEIGHT_DTYPES, MemoryItem, MemoryPlan
+from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, MemoryItem, MemoryPlan
 from .plan import PlanSettings
 from .planner import (
     ARCHITECTURES,
@@ -48,8 +48,8 @@ from .trace import (
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_RUNTIME_OVERHEAD", "FALLBACK_LORA_TARGETS", "GiB", "MODEL_CONFIG_DIR", "PHASES",
-    "PHASE_HELP", "PROMPT_CACHE_BATCH", "REWARD_DTYPES", "REWARD_MEMORY_FLAG", "REWARD_MODELS", "SHIPPED_MODELS",
-    "WEIGHT_DTYPES", "Advice", "Architecture", "MemoryItem", "MemoryPlan", "MemoryPlanner", "ModelConfigs",
+    "PHASE_HELP", "PROMPT_CACHE_BATCH", "REWARD_MEMORY_FLAG", "REWARD_MODELS", "SHIPPED_MODELS",
+    "Advice", "Architecture", "MemoryItem", "MemoryPlan", "MemoryPlanner", "ModelConfigs",
     "PlanSettings", "RewardModel", "advise", "architecture", "checkpoint_under_autocast", "format_plan", "gib",
     "knob_candidates", "largest_batch_sizes", "load_model_configs", "main", "meta_diffusers_model",
     "meta_text_encoder", "num_parameters", "parameter_bytes", "parse_reward_memory", "parse_size", "trace_peak",

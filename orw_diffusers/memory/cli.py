@@ -8,10 +8,11 @@ import sys
 from dataclasses import replace
 from typing import Optional, Sequence
 
+from ..dtypes import precision_dtype
 from ..errors import ConfigError
 from .advice import Advice, advise, largest_batch_sizes
 from .configs import load_model_configs
-from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, WEIGHT_DTYPES, MemoryPlan, PlanSettings
+from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASE_HELP, PHASES, MemoryPlan, PlanSettings
 from .planner import REWARD_MEMORY_FLAG, MemoryPlanner
 from .sizes import gib, parse_size
 
@@ -127,8 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = from_dict(values)
         settings = PlanSettings.from_train_config(cfg, args.num_processes, prompt_cache=not args.no_prompt_cache)
         settings = replace(settings, reward_memory=parse_reward_memory(args.reward_memory))
-        if settings.mixed_precision not in WEIGHT_DTYPES:  # the config's, else Accelerate's
-            raise ConfigError(f"mixed_precision: {settings.mixed_precision!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        precision_dtype(settings.mixed_precision)  # the config's, else Accelerate's: one line if unknown
         budget = parse_size(args.gpu_memory) if args.gpu_memory else None
         overhead = parse_size(args.runtime_overhead)
         planner = MemoryPlanner(load_model_configs(planned_model_path(cfg.pretrained_model_name_or_path)))

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..config import TrainConfig
+from ..dtypes import precision_dtype
 
 PHASES = ("encode", "sample", "decode", "reward", "train")
 PHASE_HELP = {
@@ -20,8 +21,6 @@ PHASE_HELP = {
     "reward": "reward model on the decoded images",
     "train": "one training micro-batch: reference forward (no grad) + policy forward + backward",
 }
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REWARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # CUDA context, cuBLAS workspaces and caching-allocator slack: an assumption, not a measurement
 # (this planner was validated on CPU); override with --runtime_overhead.
 DEFAULT_RUNTIME_OVERHEAD = "0.75GiB"
@@ -109,7 +108,7 @@ class PlanSettings:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return WEIGHT_DTYPES[self.mixed_precision]
+        return precision_dtype(self.mixed_precision)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:

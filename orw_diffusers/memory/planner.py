@@ -15,13 +15,14 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from ..dtypes import named_dtype
 from ..errors import ConfigError
 from ..models import FAMILIES, family_for
 from ..models.base import Conditioning
 from ..models.pipeline import PipelineFamily
 from ..models.sd3 import JOINT_ATTENTION_TARGETS
 from .configs import ModelConfigs
-from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASES, REWARD_DTYPES, MemoryItem, MemoryPlan, PlanSettings
+from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASES, MemoryItem, MemoryPlan, PlanSettings
 from .sizes import parse_size
 from .trace import checkpoint_under_autocast, meta_diffusers_model, meta_text_encoder, num_parameters, parameter_bytes
 from .trace import trace_peak
@@ -100,7 +101,7 @@ class RewardModel:
         """Bytes resident for the whole round: the given size, or the parameters in ``reward_dtype``."""
         if self.given_bytes is not None:
             return self.given_bytes
-        return self.parameters * torch.finfo(REWARD_DTYPES[reward_dtype]).bits // 8
+        return self.parameters * torch.finfo(named_dtype(reward_dtype)).bits // 8
 
 
 _VIT_H = RewardModel("open_clip:ViT-H-14:laion2b_s32b_b79k", "open_clip ViT-H-14", 986_109_441, 8 * 2**20)
@@ -470,7 +471,7 @@ class MemoryPlanner:
                 )
             if rm is not None:
                 models.setdefault(rm.key, rm)
-        scale = (torch.finfo(REWARD_DTYPES[s.reward_dtype]).bits // 8) / 2  # the table is for fp16
+        scale = (torch.finfo(named_dtype(s.reward_dtype)).bits // 8) / 2  # the table is for fp16
         per_batch = min(s.sample_batch_size, s.reward_batch_size)
         act = int(sum(rm.activation_bytes_per_image for rm in models.values()) * per_batch * scale)
         return list(models.values()), act

@@ -10,12 +10,10 @@ from .base import Conditioning, FlowModel
 from .pipeline import LoadOptions, PipelineFamily, PromptCache, read_model_index
 from .flux import FluxFamily
 from .sd3 import SD3Family
+from ..dtypes import MIXED_PRECISIONS, precision_dtype, precision_name
 from ..errors import ConfigError
 
 FAMILIES: list[type[PipelineFamily]] = [SD3Family, FluxFamily]
-
-# The run config's mixed_precision values and the weight dtype each means (as the trainer maps them).
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def family_for(pipeline_class_name: str) -> type[PipelineFamily]:
@@ -30,8 +28,7 @@ def load_family(options: LoadOptions, weight_dtype: torch.dtype) -> PipelineFami
     """Detect the family from ``model_index.json`` and load the pipeline on CPU in ``weight_dtype``."""
     index = read_model_index(options.pretrained_model_name_or_path, options.revision)
     family = family_for(index.get("_class_name", "<missing _class_name>"))
-    name = next((k for k, v in MIXED_PRECISION_DTYPES.items() if v == weight_dtype), str(weight_dtype))
-    _check_dtype(family, name, weight_dtype)
+    _check_dtype(family, precision_name(weight_dtype), weight_dtype)
     return family.load(options, weight_dtype, index)
 
 
@@ -51,14 +48,14 @@ def check_model_precision(path_or_id: str, revision: Optional[str], mixed_precis
     unsupported pipeline class. When ``model_index.json`` cannot be read (no such file, hub
     unreachable) it returns silently: ``load_family`` reports that, and checks the dtype again.
     """
-    if mixed_precision not in MIXED_PRECISION_DTYPES:
+    if mixed_precision not in MIXED_PRECISIONS:
         return  # config validation reports unknown choices itself
     try:
         index = read_model_index(path_or_id, revision)
     except Exception:  # noqa: BLE001 - network, permissions, missing file: all reported when loading
         return
     family = family_for(index.get("_class_name", "<missing _class_name>"))
-    _check_dtype(family, mixed_precision, MIXED_PRECISION_DTYPES[mixed_precision])
+    _check_dtype(family, mixed_precision, precision_dtype(mixed_precision))
 
 
 __all__ = [

@@ -28,7 +28,8 @@ from typing import Any, Callable, Union
 
 import torch
 
-from .common import RewardError, as_dtype, clear_model_cache
+from ..dtypes import named_dtype
+from .common import RewardError, clear_model_cache
 from ..errors import ConfigError
 from ..user_code import resolve_callable
 
@@ -200,7 +201,7 @@ class CompositeReward:
     ):
         if batch_size < 1:
             raise ValueError(f"reward batch_size must be >= 1, got {batch_size}")
-        self.device, self.dtype, self.batch_size = torch.device(device), as_dtype(dtype), batch_size
+        self.device, self.dtype, self.batch_size = torch.device(device), named_dtype(dtype), batch_size
         self.specs = list(specs)
         self.names = [self._label(s, i) for i, s in enumerate(self.specs)]
         self.fns = [build_reward_fn(s, self.device, self.dtype, batch_size) for s in self.specs]

@@ -12,8 +12,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..dtypes import named_dtype
 from .clip import OpenClipBundle, load_open_clip
-from .common import as_dtype, freeze, hub_or_local_file, load_once, load_state_dict_file
+from .common import freeze, hub_or_local_file, load_once, load_state_dict_file
 
 _LINEAR_KEYS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
 
@@ -80,7 +81,7 @@ def aesthetic(
 ) -> Aesthetic:
     """``weights``: a local ``.safetensors`` / ``.pth`` state dict of the MLP, else
     ``weights_repo/weights_filename`` from the Hub (the DDPO / TRL copy of ``sac+logos+ava1-l14-linearMSE``)."""
-    dtype = as_dtype(dtype)
+    dtype = named_dtype(dtype)
     bundle = load_open_clip(clip_model, clip_pretrained, device, dtype)
     path = hub_or_local_file(weights, weights_repo, weights_filename)
     mlp = load_once(

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .common import as_dtype, chunks, freeze, hub_or_local_file, load_once, preprocess_images
+from ..dtypes import named_dtype
+from .common import chunks, freeze, hub_or_local_file, load_once, preprocess_images
 
 _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -76,7 +77,7 @@ def load_open_clip(
     """An open_clip model by name (a built-in, or one registered with ``open_clip.add_model_config``)
     with ``pretrained`` = a tag (downloaded by open_clip) or a local checkpoint file; loaded once
     per process for each (model, pretrained, device, dtype)."""
-    device, dtype = torch.device(device), as_dtype(dtype)
+    device, dtype = torch.device(device), named_dtype(dtype)
 
     def load() -> OpenClipBundle:
         import open_clip

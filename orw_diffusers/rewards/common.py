@@ -1,5 +1,5 @@
 """Shared pieces of the model-based rewards: the per-process model cache, torch image
-preprocessing, chunking, dtype names and weight-file loading.
+preprocessing, chunking and weight-file loading.
 
 Nothing here imports a heavy optional dependency at module import time.
 """
@@ -17,19 +17,8 @@ class RewardError(RuntimeError):
     """A reward produced no usable score."""
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 # (kind, model id, weights, device, dtype) -> loaded model bundle; see load_once.
 _MODEL_CACHE: dict[Hashable, Any] = {}
-
-
-def as_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """'float32' | 'float16' | 'bfloat16' (or the torch dtype itself) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"reward dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
 
 def load_once(key: Hashable, loader: Callable[[], Any]) -> Any:

@@ -13,7 +13,8 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from .common import as_dtype, chunks, freeze, load_once, preprocess_images
+from ..dtypes import named_dtype
+from .common import chunks, freeze, load_once, preprocess_images
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes used by image processors
 
@@ -94,7 +95,7 @@ def load_hf_clip(
 ) -> HFClipBundle:
     """``CLIPModel`` + ``AutoProcessor`` from hub ids or local directories; loaded once per process
     for each (model, processor, device, dtype)."""
-    device, dtype = torch.device(device), as_dtype(dtype)
+    device, dtype = torch.device(device), named_dtype(dtype)
 
     def load() -> HFClipBundle:
         from transformers import AutoProcessor, CLIPModel
