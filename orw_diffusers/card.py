@@ -16,19 +16,15 @@ from typing import Any, Optional
 
 import yaml
 
-from .checkpoint import LORA_WEIGHTS_NAME
-from .models.velocity import VELOCITY_KIND, VELOCITY_LORA_NAME, WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY
+from .models.velocity import VELOCITY_KIND, WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY
 from .objectives import objective_class
-from .policies.full import FULL_WEIGHTS_NAME
+from .weight_files import FULL_WEIGHTS_NAME, LORA_WEIGHTS_NAME, VELOCITY_LORA_NAME, WEIGHT_FILES
 
 CARD_NAME = "README.md"
 #: diffusers' LoRA training scripts tag their cards ``diffusers-training``, ``lora`` and ``template:sd-lora``
 CARD_TAGS = ["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora"]
 #: a pipeline class (``model_index.json``'s ``_class_name``) -> the family's Hub tags
 FAMILY_TAGS = {"StableDiffusion3Pipeline": ["sd3"], "FluxPipeline": ["flux"]}
-#: a finished run's weights, one of: a pipeline's LoRA (diffusers' format), a velocity model's LoRA
-#: (peft's key names), every weight of the denoiser or velocity model (a state dict)
-WEIGHT_FILES = (LORA_WEIGHTS_NAME, VELOCITY_LORA_NAME, FULL_WEIGHTS_NAME)
 #: at most this many validation grids in the card's widget gallery (the first, the last, evenly between)
 WIDGET_MAX_IMAGES = 4
 

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 SAMPLER_SUBDIR = "sampler"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -27,11 +27,11 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from .checkpoint import LORA_WEIGHTS_NAME
 from .card import read_metrics
 from .images import image_grid, mean_pairwise_distance, plot_curves, save_image
 from .dtypes import DTYPE_NAMES, named_dtype
 from .errors import ConfigError
+from .weight_files import LORA_WEIGHTS_NAME
 
 class EvalError(ValueError):
     """A bad argument; one line, exit code 2."""

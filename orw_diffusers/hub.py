@@ -21,11 +21,12 @@ import sys
 from typing import Any, Optional
 
 from .card import (
-    CARD_NAME, WEIGHT_FILES, card_image, load_hint, saved_weights, summarize_run, validation_images, write_model_card,
+    CARD_NAME, card_image, load_hint, saved_weights, summarize_run, validation_images, write_model_card,
 )  # fmt: skip
 from .card import read_metrics  # noqa: F401 - the benchmarks read metrics.jsonl as ``hub.read_metrics``
 from .errors import ConfigError
 from .objectives import objective_class
+from .weight_files import WEIGHT_FILES
 
 #: files of output_dir that go to the Hub besides the weights; checkpoints/, logs/ and all but the card's
 #: images stay local

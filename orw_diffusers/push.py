@@ -21,8 +21,9 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
-from .card import CARD_NAME, WEIGHT_FILES, load_hint, saved_weights, write_model_card
+from .card import CARD_NAME, load_hint, saved_weights, write_model_card
 from .hub import UPLOAD_FAILED_EXIT_CODE, HubUploadError, check_repo_id, push_to_hub
+from .weight_files import WEIGHT_FILES
 
 
 def configured_repo_id(output_dir: str) -> str:

@@ -17,7 +17,7 @@ from conftest import REPO, TEST_REWARDS, TRAIN_SCRIPT, for_objective, python, ti
 from orw_diffusers import checkpoint
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 
 # A reward that hangs in its HANG_AT-th call (when the environment asks), after writing a marker

@@ -18,7 +18,7 @@ from conftest import TINY_WORDS, sampled_and_pipeline_call, tiny_trainer
 from conftest import velocity as _velocity, velocity_probe as _probe
 from orw_diffusers import lora
 from orw_diffusers.loss import orw_cfm_w2_loss
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 
 FAMILIES = ("sd3", "flux-dev", "flux-schnell")

@@ -23,7 +23,7 @@ from conftest import TRAIN_SCRIPT, tiny_run_config
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig
 from orw_diffusers.models import FluxFamily, LoadOptions, check_model_precision, load_family
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 from test_family_contract import tiny_flux_dev_path, tiny_flux_schnell_path  # noqa: F401 (fixtures)
 

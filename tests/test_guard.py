@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import TEST_REWARDS, tiny_run_config
 from orw_diffusers import control
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.config import TrainConfig, validate
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.objectives import build_objective

@@ -13,7 +13,7 @@ from orw_diffusers import hub, push
 from orw_diffusers.card import RunSummary, base_model_license, family_tags, model_card, validation_images
 from orw_diffusers.errors import ConfigError
 from orw_diffusers.config import TrainConfig, validate
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 
 TOKEN = "hf_sentinel_token_that_must_never_appear"

@@ -110,3 +110,12 @@ def test_reference_without_adapters_is_an_error():
     model = _transformer(with_adapters=False)
     with pytest.raises(ValueError, match="No adapter loaded"), lora.reference(model):
         pass
+
+
+def test_the_lora_file_name_is_diffusers_own():
+    """The pipeline's save_lora_weights writes diffusers' default name, and the run reads LORA_WEIGHTS_NAME back."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+
+    from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
+
+    assert LORA_WEIGHTS_NAME == LORA_WEIGHT_NAME_SAFE

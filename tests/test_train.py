@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TRAIN_SCRIPT, for_objective, python, tiny_run_config
 from orw_diffusers.config import TrainConfig
-from orw_diffusers.checkpoint import LORA_WEIGHTS_NAME
+from orw_diffusers.weight_files import LORA_WEIGHTS_NAME
 from orw_diffusers.trainer import Trainer
 
 def test_training_raises_the_reward_beyond_the_reward_free_control(pretrained_tiny_sd3_path, tmp_path):

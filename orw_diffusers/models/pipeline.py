@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from ..weight_files import LORA_WEIGHTS_NAME
 from .base import Conditioning, FlowModel
 
 
@@ -115,13 +116,11 @@ class PipelineFamily(FlowModel):
         )
 
     def read_lora_weights(self, directory: str) -> dict[str, torch.Tensor]:
-        from ..checkpoint import LORA_WEIGHTS_NAME, read_lora_file
+        from ..checkpoint import read_lora_file
 
         return read_lora_file(os.path.join(directory, LORA_WEIGHTS_NAME))
 
     def lora_usage(self, directory: str) -> str:
-        from ..checkpoint import LORA_WEIGHTS_NAME
-
         path = os.path.join(directory, LORA_WEIGHTS_NAME)
         return f"LoRA weights: {path} (load with pipe.load_lora_weights({directory!r}))"
 

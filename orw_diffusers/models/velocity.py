@@ -24,11 +24,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..weight_files import VELOCITY_LORA_NAME
 from .base import Conditioning, FlowModel
 
 logger = logging.getLogger(__name__)
 
-VELOCITY_LORA_NAME = "lora_adapter.safetensors"
 #: the safetensors metadata keys of a velocity model's saved weights: its kind and its module's class
 WEIGHTS_KIND_KEY, WEIGHTS_MODULE_KEY = "orw_diffusers_model", "module_class"
 VELOCITY_KIND = "velocity"

@@ -17,9 +17,8 @@ import torch
 
 from ..checkpoint import SAMPLER_SUBDIR
 from ..models.base import FlowModel
+from ..weight_files import FULL_WEIGHTS_NAME
 from .base import Policy
-
-FULL_WEIGHTS_NAME = "model.safetensors"
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
