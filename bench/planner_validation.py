@@ -3,7 +3,7 @@ memory on CPU, for scaled-down SD3 configs of different depth, width and resolut
 
 Per config, a fresh process builds the real trainer in fp32 and measures the peak-RSS increase of
 (1) one training micro-batch (``optimise`` on one micro-batch: reference forward, forward, backward,
-clipping, AdamW step), (2) one Euler step of the sampling batch (``sample_latents`` with one step)
+clipping, AdamW step), (2) one Euler step of the sampling batch (``rollouts.record`` with one step)
 and (3) one VAE decode of it, each after a warm-up call. The planner
 (``orw_diffusers.memory.MemoryPlanner``, reading the saved model directory on the meta device)
 estimates the same three quantities from its traces (training: gradients and the micro-batch's
@@ -79,7 +79,7 @@ def measure(spec: ModelSpec) -> dict[str, int]:
         trainer, rollout = rnd.trainer, rnd.rollout
         calls = {
             "train": rnd.optimise,
-            "sample": lambda: trainer.sample_latents(rollout.prompts, rollout.indices, 0),
+            "sample": lambda: trainer.rollouts.record(rollout.prompts, rollout.indices, 0).latents,
             "decode": lambda: trainer.family.decode(rollout.latents),
         }
         out_bytes = {}

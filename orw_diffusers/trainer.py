@@ -89,16 +89,19 @@ class Trainer:
         self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(model.denoiser, optimizer, lr_scheduler)
 
         self.reward_fn = reward_fn if reward_fn is not None else build.make_reward(cfg, self.device)
-        self.embed_fn = getattr(self.reward_fn, "embed", None)
         self.judges = build.make_judges(cfg, self.device)  # eval_reward: scored, logged, never trained on
-        self.rollouts = Rollouts(self)
         self.hub_api = hub_api
         self.log = RunLog(cfg, acc, self.prompt_ids)
+        self.rollouts = Rollouts(
+            cfg, acc, model, self.unwrapped, self.policy, self.objective, self.reward_fn, self.judges, self.log,
+            guidance_scale=self.sampling_guidance_scale, latent_shape=self.latent_shape, sigmas=self.sampling_sigmas,
+            weight_dtype=self.weight_dtype, validation_prompts=self.validation_prompts,
+        )  # fmt: skip
         if acc.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
             logger.info("sizes: %s", self.sizes.describe())
             logger.info("objective: %s; policy: %s", self.objective.name, self.policy.describe(cfg))
-            logger.info("diversity: %s", diversity_space(self.embed_fn))
+            logger.info("diversity: %s", diversity_space(self.rollouts.embed_fn))
 
         self.rounds_done = 0
         self.hooks = checkpoint.StateHooks(acc, self.policy, model, lambda: self.unwrapped, self.trainer_state, cfg.to_dict())
@@ -174,13 +177,11 @@ class Trainer:
         return Fields(policy=policy, reference=reference, sampler=sampler if self.objective.needs_sampler() else None)
 
     # --- phase 1 + 2: sample and reward (rollouts.py) ------------------------------------------
-    def rollout(self, round_idx: int) -> Rollout:
+    def rollout(self, round_idx: int, sample_prompts: Optional[list[str]] = None) -> Rollout:
+        """This process's samples of the round; ``sample_prompts``: the round's, if the caller has them."""
         indices = self.local_indices()
-        sample_prompts = self.sample_prompts(round_idx)
+        sample_prompts = self.sample_prompts(round_idx) if sample_prompts is None else sample_prompts
         return self.rollouts.collect([sample_prompts[int(i)] for i in indices], indices, round_idx)
-
-    def sample_latents(self, prompts: list[str], indices: torch.Tensor, round_idx: int) -> torch.Tensor:
-        return self.rollouts.record(prompts, indices, round_idx).latents
 
     # --- phase 4: optimise ----------------------------------------------------------------------
     def optimise(self, rollout: Rollout, signal: Signal, round_idx: int) -> dict[str, torch.Tensor]:
@@ -229,9 +230,9 @@ class Trainer:
     def run_round(self, round_idx: int) -> dict[str, Any]:
         """Phases 1-6 of one round. Returns its metrics (logged by ``train``)."""
         t0 = time.perf_counter()
-        rollout = self.rollout(round_idx)  # 1-2: sample with the sampler, reward
-        global_rewards = self.gather_global(rollout.rewards, rollout.indices)
         sample_prompts = self.sample_prompts(round_idx)
+        rollout = self.rollout(round_idx, sample_prompts)  # 1-2: sample with the sampler, reward
+        global_rewards = self.gather_global(rollout.rewards, rollout.indices)
         group_ids = torch.tensor([self.prompt_ids[p] for p in sample_prompts])
         signal = self.objective.signal(global_rewards, group_ids)  # 3: over the global batch
         stats = self.optimise(rollout, signal, round_idx)  # 4

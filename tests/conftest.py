@@ -189,7 +189,7 @@ def sampled_and_pipeline_call(trainer, prompts=("a red cat", "a blue dog"), roun
 
     prompts, indices = list(prompts), torch.arange(len(prompts))
     with torch.no_grad():
-        ours = trainer.family.decode(trainer.sample_latents(prompts, indices, round_idx=round_idx))
+        ours = trainer.family.decode(trainer.rollouts.record(prompts, indices, round_idx=round_idx).latents)
     noise = per_sample_noise(trainer.latent_shape, trainer.cfg.seed, (round_idx, streams.SAMPLING_NOISE), indices)
     kwargs = dict(
         prompt=prompts, latents=noise, num_inference_steps=trainer.cfg.num_sampling_steps,

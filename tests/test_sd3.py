@@ -38,7 +38,7 @@ def test_rollouts_use_the_configured_solver(tiny_sd3_path, tmp_path, solver, cal
         return predict(*args)
 
     trainer.family.predict_velocity = counting_predict
-    latents = trainer.sample_latents(["a red cat"], torch.tensor([0]), round_idx=0)
+    latents = trainer.rollouts.record(["a red cat"], torch.tensor([0]), round_idx=0).latents
     assert len(calls_made) == calls and torch.isfinite(latents).all()
 
 
