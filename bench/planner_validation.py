@@ -98,7 +98,7 @@ def estimate(spec: ModelSpec) -> dict[str, int]:
     planner = MemoryPlanner(load_model_configs(path))
     s = PlanSettings(model=path, resolution=spec.resolution, train_batch_size=BATCH, sample_batch_size=BATCH,
                      samples_per_process=BATCH, rank=RANK, mixed_precision="no", max_sequence_length=MAX_SEQUENCE_LENGTH,
-                     guidance_scale=4.5, reference_pass=True, rewards=())  # fmt: skip
+                     guidance_scale=4.5, train_passes=("reference", "policy"), rewards=())  # fmt: skip
     return {"train": planner.train_step_peak(s), "sample": planner.sample_step_peak(s), "decode": planner.decode_peak(s)}
 
 

@@ -269,8 +269,7 @@ def test_flow_grpo_plans_its_trajectories_and_its_reference_pass(tiny_sd3_path, 
     assert (orw.latents_per_sample, orw.fp32_latents_per_sample) == (1, 0) and orw.reference_pass
     round_data = lambda settings: next(i.bytes for i in tiny_planner.plan(settings).items if i.group == "round data")  # noqa: E731
     per_sample = round_data(orw) // orw.samples_per_process  # one bf16 latent: 2 bytes an element
-    # (the planner traces ORW's training step, which needs the reference pass)
-    assert round_data(replace(s, reference_pass=True)) == s.samples_per_process * per_sample * (1 + 2 * 2 * 2)
+    assert round_data(s) == s.samples_per_process * per_sample * (1 + 2 * 2 * 2)
 
 
 def test_diffusion_nft_plans_its_sampler_pass(tiny_sd3_path, tiny_planner):
@@ -281,7 +280,8 @@ def test_diffusion_nft_plans_its_sampler_pass(tiny_sd3_path, tiny_planner):
     assert s.sampler_pass and s.reference_pass and s.latents_per_sample == 1  # kl_beta 1e-4: a reference pass too
     assert not _tiny_settings(tiny_sd3_path).sampler_pass
     with_sampler = tiny_planner.train_step_peak(s, batch=2)
-    assert with_sampler >= tiny_planner.train_step_peak(replace(s, sampler_pass=False), batch=2) > 0
+    assert s.train_passes == ("sampler", "reference", "policy")  # objectives/nft.py's order
+    assert with_sampler >= tiny_planner.train_step_peak(replace(s, train_passes=("reference", "policy")), batch=2) > 0
 
 
 def test_the_digits_name_plans_the_cached_base_and_never_builds_it(tmp_path, monkeypatch, capsys):
@@ -290,3 +290,26 @@ def test_the_digits_name_plans_the_cached_base_and_never_builds_it(tmp_path, mon
     err = capsys.readouterr().err
     assert "'orw-diffusers/digits' is not built yet" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_the_training_trace_runs_the_objectives_own_passes(tiny_sd3_path, tiny_planner):
+    """The passes come from running the objective's losses, in its order; without the KL term Flow-GRPO plans
+    (no reference pass) and its training peak is not above the plan with one."""
+    grpo = dict(objective="flow_grpo", num_sampling_steps=4, sde_window_size=2, train_batch_size=2, sample_batch_size=2)
+    settings = {
+        kl: PlanSettings.from_train_config(TrainConfig(**tiny_run_config(tiny_sd3_path, "out", kl_beta=kl, **grpo)))
+        for kl in (0.0, 0.04)
+    }
+    assert settings[0.0].train_passes == ("policy",)
+    assert settings[0.04].train_passes == ("policy", "reference")  # objectives/flow_grpo.py: the KL after the policy
+    without, with_reference = (tiny_planner.plan(settings[kl]) for kl in (0.0, 0.04))
+    assert 0 < without.phase_total("train") <= with_reference.phase_total("train")
+    # the reference forward after the policy's (its activations still held) costs more than before it (ORW's order)
+    s = settings[0.04]
+    assert tiny_planner.train_step_peak(s, batch=2) >= tiny_planner.train_step_peak(
+        replace(s, train_passes=("reference", "policy")), batch=2
+    )
+    orw = _tiny_settings(tiny_sd3_path)
+    assert orw.train_passes == ("reference", "policy")
+    no_w2 = TrainConfig(**tiny_run_config(tiny_sd3_path, "out", w2_coefficient=0.0))
+    assert PlanSettings.from_train_config(no_w2).train_passes == ("policy",)

@@ -19,7 +19,7 @@ PHASE_HELP = {
     "sample": "one Euler step of the sampling batch (no grad; x2 batch with classifier-free guidance)",
     "decode": "VAE decode of the sampling batch",
     "reward": "reward model on the decoded images",
-    "train": "one training micro-batch: reference forward (no grad) + policy forward + backward",
+    "train": "one training loss of a micro-batch: the objective's passes (reference, sampler: no grad; policy) + backward",
 }
 # CUDA context, cuBLAS workspaces and caching-allocator slack: an assumption, not a measurement
 # (this planner was validated on CPU); override with --runtime_overhead.
@@ -46,9 +46,9 @@ class PlanSettings:
     guidance_scale: float = 4.5
     #: ``cfg_training: guided``: the training pass runs both guidance branches (a doubled batch)
     guided_training: bool = True
-    reference_pass: bool = True
-    #: the objective's loss also takes the sampler's velocity (DiffusionNFT's old policy): a no-grad pass
-    sampler_pass: bool = False
+    #: the forward passes of one training loss, in the objective's order (``step.train_step_passes``): "policy"
+    #: (with grad), "reference" and "sampler" (DiffusionNFT's old policy), both no grad
+    train_passes: tuple[str, ...] = ("reference", "policy")
     #: latent-sized tensors the objective's rollout keeps per sample: x1 in the weight dtype, and trajectory
     #: latents in float32 (Flow-GRPO: both sides of each trained step)
     latents_per_sample: int = 1
@@ -67,6 +67,7 @@ class PlanSettings:
         from ..config import derive_sizes, resolved_mixed_precision
         from ..objectives import build_objective
         from ..rewards import parse_reward_spec
+        from .step import train_step_passes
 
         objective = build_objective(cfg)
 
@@ -93,8 +94,7 @@ class PlanSettings:
             max_sequence_length=cfg.max_sequence_length,
             guidance_scale=cfg.guidance_scale,
             guided_training=cfg.cfg_training == "guided",
-            reference_pass=objective.needs_reference(),
-            sampler_pass=objective.needs_sampler(),
+            train_passes=train_step_passes(objective, cfg),
             latents_per_sample=objective.round_latents()[0],
             fp32_latents_per_sample=objective.round_latents()[1],
             # the held-out judges (eval_reward) are loaded beside the reward, on the same device
@@ -105,6 +105,14 @@ class PlanSettings:
             reward_batch_size=cfg.reward_batch_size,
             num_processes=num_processes,
         )
+
+    @property
+    def reference_pass(self) -> bool:
+        return "reference" in self.train_passes
+
+    @property
+    def sampler_pass(self) -> bool:
+        return "sampler" in self.train_passes
 
     @property
     def weight_dtype(self) -> torch.dtype:

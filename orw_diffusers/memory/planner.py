@@ -8,6 +8,7 @@ The settings it reads and the plan it returns are in ``plan.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -222,13 +223,16 @@ class MemoryPlanner:
         return (s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
 
     def train_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
-        """Peak bytes of one training micro-batch, as ``Trainer.optimise`` runs it (gradients included)."""
+        """Peak bytes of one training loss of a micro-batch, as ``Trainer.optimise`` runs it: the objective's
+        forward passes in its order (``s.train_passes``), each output kept until the loss, then backward
+        (gradients included). A loss per trained timestep runs its backward before the next: one loss is the peak."""
         from .. import lora
         from ..flow import guided_velocity, interpolate, target_velocity
         from ..loss import orw_cfm_w2_loss
 
         model = self.transformer(s)
         guided = self.guided_training(s)
+        adapters = {"reference": lora.reference, "sampler": lora.sampler_adapter}
 
         def trace_at(b: int) -> int:
             def velocity(x_t: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,15 +249,14 @@ class MemoryPlanner:
                 x_t = interpolate(latents, noise, sigmas)
                 v_target = target_velocity(latents, noise)
                 cond = self._cond(s, 2 * b if guided else b)  # the micro-batch's rows, moved from the prompt cache
-                v_ref = None
-                if s.sampler_pass:  # the old policy's velocity, no grad, before the policy pass (objectives/nft.py)
-                    with lora.sampler_adapter(model):
-                        velocity(x_t, sigmas, cond)
-                if s.reference_pass:
-                    with lora.reference(model):
-                        v_ref = velocity(x_t, sigmas, cond)
-                v_pred = velocity(x_t, sigmas, cond)
-                out = orw_cfm_w2_loss(v_pred, v_target, v_ref, torch.ones(b, device="meta"), 1.0)
+                outputs: dict[str, torch.Tensor] = {}
+                for name in s.train_passes:  # the no-grad passes under the policy's adapters for them
+                    with adapters[name](model) if name in adapters else contextlib.nullcontext():
+                        outputs[name] = velocity(x_t, sigmas, cond)
+                # a regression head on the outputs, as ORW's; the others' heads are a few latent-sized tensors too
+                v_other = outputs.get("reference", outputs.get("sampler"))
+                out = orw_cfm_w2_loss(outputs["policy"], v_target, v_other, torch.ones(b, device="meta"),
+                                      float(v_other is not None))  # fmt: skip
                 out.loss.backward()
 
             model.train()
@@ -266,7 +269,7 @@ class MemoryPlanner:
                 for p in model.parameters():
                     p.grad = None
 
-        key = ("train", self._model_key(s), s.gradient_checkpointing, s.reference_pass, s.sampler_pass, guided)
+        key = ("train", self._model_key(s), s.gradient_checkpointing, s.train_passes, guided)
         return self._linear(key, batch or s.train_batch_size, trace_at)
 
     def guided_training(self, s: PlanSettings) -> bool:
