@@ -171,9 +171,23 @@ def test_family_files_describe_the_architectures():
 
 
 def test_every_registered_reward_has_a_size():
-    from orw_diffusers.rewards import REWARDS
+    from orw_diffusers.rewards import REWARDS, reward_gpu_memory
 
-    assert set(REWARDS) <= set(memory.REWARD_MODELS)
+    for name in REWARDS:
+        reward_gpu_memory(name)  # the registry declares each reward's GPU memory (None: none)
+
+
+def test_a_reward_registered_with_its_size_is_planned_without_a_second_edit(tiny_planner, tiny_sd3_path, monkeypatch):
+    from orw_diffusers import rewards
+
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
+    monkeypatch.setattr(rewards, "_GPU_MEMORY", dict(rewards._GPU_MEMORY))
+    rewards.register_reward("sized_reward", lambda **kwargs: None, rewards.GPUMemory("sized", "my CNN", 2**20, 2**10))
+    s = _tiny_settings(tiny_sd3_path, rewards=("sized_reward",), reward_dtype="float16")
+    assert tiny_planner.plan(s).item("reward: my CNN (float16)").bytes == 2**20 * 2
+    rewards.register_reward("unsized_reward", lambda **kwargs: None)
+    with pytest.raises(ConfigError, match="'unsized_reward'.*--reward_memory unsized_reward="):
+        tiny_planner.plan(replace(s, rewards=("unsized_reward",)))
 
 
 def _unsized_reward_run(tiny_sd3_path, tmp_path, monkeypatch) -> str:

@@ -30,7 +30,6 @@ from .planner import (
     FALLBACK_LORA_TARGETS,
     PROMPT_CACHE_BATCH,
     REWARD_MEMORY_FLAG,
-    REWARD_MODELS,
     Architecture,
     MemoryPlanner,
     RewardModel,
@@ -48,7 +47,7 @@ from .trace import (
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_RUNTIME_OVERHEAD", "FALLBACK_LORA_TARGETS", "GiB", "MODEL_CONFIG_DIR", "PHASES",
-    "PHASE_HELP", "PROMPT_CACHE_BATCH", "REWARD_MEMORY_FLAG", "REWARD_MODELS", "SHIPPED_MODELS",
+    "PHASE_HELP", "PROMPT_CACHE_BATCH", "REWARD_MEMORY_FLAG", "SHIPPED_MODELS",
     "Advice", "Architecture", "MemoryItem", "MemoryPlan", "MemoryPlanner", "ModelConfigs",
     "PlanSettings", "RewardModel", "advise", "architecture", "checkpoint_under_autocast", "format_plan", "gib",
     "knob_candidates", "largest_batch_sizes", "load_model_configs", "main", "meta_diffusers_model",

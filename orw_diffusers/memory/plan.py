@@ -58,7 +58,8 @@ class PlanSettings:
     reward_dtype: str = "float32"
     reward_batch_size: int = 32
     num_processes: int = 1
-    #: (reward name, GPU bytes) from ``--reward_memory``, for rewards ``REWARD_MODELS`` lacks (or to override it);
+    #: (reward name, GPU bytes) from ``--reward_memory``, for rewards the registry has no size for
+    #: (or to override it);
     #: a tuple, not a dict, so that the settings stay hashable
     reward_memory: tuple[tuple[str, int], ...] = ()
 

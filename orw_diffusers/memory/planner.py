@@ -2,7 +2,8 @@
 
 ``MemoryPlanner`` builds the pipeline's models on meta once (``trace``) and traces each phase's
 activations. The transformer's shapes and call come from its family file (``memory_architectures``
-in ``models/<family>.py``); the reward models' sizes from ``REWARD_MODELS`` or ``--reward_memory``.
+in ``models/<family>.py``); the reward models' sizes from the reward registry
+(``rewards.reward_gpu_memory``) or ``--reward_memory``.
 The settings it reads and the plan it returns are in ``plan.py``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
 
@@ -82,14 +83,14 @@ def architecture(configs: ModelConfigs) -> Architecture:
 
 
 # ------------------------------------------------------------------------------------------------
-# Reward models (loaded by the reward factories, so counted from their public checkpoints)
+# Reward models (their sizes are declared in the reward registry, rewards/__init__.py)
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RewardModel:
-    """A reward's model on the GPU. Activations: peak no-grad bytes per 224 px image in fp16,
-    measured once with ``trace_peak`` on the open_clip architecture."""
+    """A reward's model on the GPU: the registry's ``GPUMemory`` (activations: peak no-grad bytes per 224 px
+    image in fp16), or a size given with ``--reward_memory``."""
 
     key: str  # rewards sharing a key share one loaded model (see rewards.common.load_once)
     description: str
@@ -105,21 +106,6 @@ class RewardModel:
         return self.parameters * torch.finfo(named_dtype(reward_dtype)).bits // 8
 
 
-_VIT_H = RewardModel("open_clip:ViT-H-14:laion2b_s32b_b79k", "open_clip ViT-H-14", 986_109_441, 8 * 2**20)
-REWARD_MODELS: dict[str, Optional[RewardModel]] = {
-    "clip_score": _VIT_H,
-    "clip_zero_shot": _VIT_H,
-    "hpsv2": replace(_VIT_H, key="open_clip:ViT-H-14:hpsv2", description="open_clip ViT-H-14 (HPSv2 weights)"),
-    "aesthetic": RewardModel("open_clip:ViT-L-14", "open_clip ViT-L-14 + aesthetic MLP", 428_544_482, 9 * 2**20),
-    "pickscore": RewardModel("hf:pickscore", "CLIP ViT-H-14 (PickScore)", 986_109_441, 8 * 2**20),
-    "digit_even": RewardModel("digits", "digit CNN", 30_000, 2**20),
-    "digit_in": RewardModel("digits", "digit CNN", 30_000, 2**20),
-    "digit_judge_even": None,  # an SVC on the CPU
-    "digit_judge_in": None,
-    "jpeg_compressibility": None,  # PIL on the CPU
-    "jpeg_incompressibility": None,
-    "remote_http": None,  # another machine
-}
 # The CLI flag that sizes a reward this table lacks; the planner's errors and notes name it.
 REWARD_MEMORY_FLAG = "--reward_memory"
 
@@ -446,7 +432,7 @@ class MemoryPlanner:
     def reward_models(self, s: PlanSettings, notes: Optional[list[str]] = None) -> tuple[list[RewardModel], int]:
         """The reward models on the GPU (one per shared key) and their activations for one reward batch.
 
-        A reward that neither ``REWARD_MODELS`` nor ``--reward_memory`` sizes is a ``ConfigError``: counting
+        A reward that neither the reward registry nor ``--reward_memory`` sizes is a ``ConfigError``: counting
         it as 0 bytes would call a plan fitting that may not fit.
         """
         if not s.reward_on_gpu:
@@ -455,7 +441,7 @@ class MemoryPlanner:
         models: dict[str, RewardModel] = {}
         for name in s.rewards:
             rm: Optional[RewardModel]
-            if name in given:  # the user's size wins over the table (e.g. a larger checkpoint via kwargs)
+            if name in given:  # the user's size wins over the registry's (e.g. a larger checkpoint via kwargs)
                 nbytes = given[name]
                 rm = RewardModel(f"given:{name}", f"{name} ({REWARD_MEMORY_FLAG})", 0, 0, nbytes) if nbytes else None
             elif ":" in name:
@@ -465,16 +451,27 @@ class MemoryPlanner:
                         f"(give it with {REWARD_MEMORY_FLAG} {name}=SIZE)"
                     )
                 continue
-            elif name in REWARD_MODELS:
-                rm = REWARD_MODELS[name]  # None: the reward uses no GPU memory
             else:
-                raise ConfigError(
-                    f"reward {name!r}: the memory planner does not know its GPU memory; give it with "
-                    f"{REWARD_MEMORY_FLAG} {name}=SIZE (e.g. {name}=1.5GiB, or {name}=0 if it uses no GPU)"
-                )
+                rm = _registered(name)  # None: the reward uses no GPU memory
             if rm is not None:
                 models.setdefault(rm.key, rm)
         scale = (torch.finfo(named_dtype(s.reward_dtype)).bits // 8) / 2  # the table is for fp16
         per_batch = min(s.sample_batch_size, s.reward_batch_size)
         act = int(sum(rm.activation_bytes_per_image for rm in models.values()) * per_batch * scale)
         return list(models.values()), act
+
+
+def _registered(name: str) -> Optional[RewardModel]:
+    """The reward registry's GPU memory of ``name``; a reward it has no size for is a one-line ``ConfigError``."""
+    from ..rewards import reward_gpu_memory
+
+    try:
+        memory = reward_gpu_memory(name)
+    except LookupError:
+        raise ConfigError(
+            f"reward {name!r}: the memory planner does not know its GPU memory; give it with "
+            f"{REWARD_MEMORY_FLAG} {name}=SIZE (e.g. {name}=1.5GiB, or {name}=0 if it uses no GPU)"
+        ) from None
+    if memory is None:
+        return None
+    return RewardModel(memory.key, memory.description, memory.parameters, memory.activation_bytes_per_image)

@@ -12,8 +12,8 @@ Config syntax (``reward:`` in the run config):
 - a name may be ``package.module:function`` or ``path/to/file.py:function`` (a user reward callable;
   with ``kwargs`` it is called as ``function(images, prompts, **kwargs)``).
 
-Public API: ``REWARDS``, ``register_reward``, ``RewardSpec``, ``parse_reward_spec``,
-``resolve_custom``, ``build_reward`` -> ``CompositeReward`` -> ``RewardOutput``, ``clean_scores``,
+Public API: ``REWARDS``, ``register_reward``, ``reward_gpu_memory`` (``GPUMemory``), ``RewardSpec``,
+``parse_reward_spec``, ``resolve_custom``, ``build_reward`` -> ``CompositeReward`` -> ``RewardOutput``, ``clean_scores``,
 ``RewardError``, ``clear_model_cache``.
 """
 
@@ -24,7 +24,7 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -36,6 +36,7 @@ from ..user_code import resolve_callable
 __all__ = [
     "REWARDS",
     "CompositeReward",
+    "GPUMemory",
     "RewardError",
     "RewardFn",
     "RewardOutput",
@@ -47,6 +48,7 @@ __all__ = [
     "parse_reward_spec",
     "register_reward",
     "resolve_custom",
+    "reward_gpu_memory",
 ]
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -70,29 +72,63 @@ def _lazy(module: str, attr: str, placement: tuple[str, ...] = _PLACEMENT) -> Ca
     return factory
 
 
-# name -> factory(device=..., dtype=..., batch_size=..., **kwargs) -> reward. Every factory accepts
-# the three placement arguments (some ignore them); models load when the factory runs.
-REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "clip_score": _lazy("clip", "clip_score"),
-    "clip_zero_shot": _lazy("clip", "clip_zero_shot"),
-    "hpsv2": _lazy("clip", "hpsv2"),
-    "aesthetic": _lazy("aesthetic", "aesthetic"),
-    "pickscore": _lazy("pickscore", "pickscore"),
-    "jpeg_compressibility": _lazy("jpeg", "jpeg_compressibility"),
-    "jpeg_incompressibility": _lazy("jpeg", "jpeg_incompressibility"),
-    "remote_http": _lazy("remote", "remote_http"),
-    "digit_even": _lazy("digits", "digit_even", placement=("device",)),
-    "digit_in": _lazy("digits", "digit_in", placement=("device",)),
-    "digit_judge_even": _lazy("digits", "digit_judge_even", placement=()),
-    "digit_judge_in": _lazy("digits", "digit_judge_in", placement=()),
+@dataclass(frozen=True)
+class GPUMemory:
+    """What a reward's model holds on the GPU, for the memory planner (``python -m orw_diffusers.memory``).
+    Activations: peak no-grad bytes per 224 px image in fp16, measured once with ``memory.trace_peak`` on the
+    model's architecture."""
+
+    key: str  # rewards sharing a key share one loaded model (see common.load_once)
+    description: str
+    parameters: int
+    activation_bytes_per_image: int
+
+
+_VIT_H = GPUMemory("open_clip:ViT-H-14:laion2b_s32b_b79k", "open_clip ViT-H-14", 986_109_441, 8 * 2**20)
+_HPSV2 = GPUMemory("open_clip:ViT-H-14:hpsv2", "open_clip ViT-H-14 (HPSv2 weights)", 986_109_441, 8 * 2**20)
+_VIT_L_AESTHETIC = GPUMemory("open_clip:ViT-L-14", "open_clip ViT-L-14 + aesthetic MLP", 428_544_482, 9 * 2**20)
+_PICKSCORE = GPUMemory("hf:pickscore", "CLIP ViT-H-14 (PickScore)", 986_109_441, 8 * 2**20)
+_DIGIT_CNN = GPUMemory("digits", "digit CNN", 30_000, 2**20)
+
+# name -> (factory(device=..., dtype=..., batch_size=..., **kwargs) -> reward, its GPU memory or None for none).
+# Every factory accepts the three placement arguments (some ignore them); models load when the factory runs.
+_BUILT_IN: dict[str, tuple[Callable[..., RewardFn], Optional[GPUMemory]]] = {
+    "clip_score": (_lazy("clip", "clip_score"), _VIT_H),
+    "clip_zero_shot": (_lazy("clip", "clip_zero_shot"), _VIT_H),
+    "hpsv2": (_lazy("clip", "hpsv2"), _HPSV2),
+    "aesthetic": (_lazy("aesthetic", "aesthetic"), _VIT_L_AESTHETIC),
+    "pickscore": (_lazy("pickscore", "pickscore"), _PICKSCORE),
+    "jpeg_compressibility": (_lazy("jpeg", "jpeg_compressibility"), None),  # PIL on the CPU
+    "jpeg_incompressibility": (_lazy("jpeg", "jpeg_incompressibility"), None),
+    "remote_http": (_lazy("remote", "remote_http"), None),  # another machine
+    "digit_even": (_lazy("digits", "digit_even", placement=("device",)), _DIGIT_CNN),
+    "digit_in": (_lazy("digits", "digit_in", placement=("device",)), _DIGIT_CNN),
+    "digit_judge_even": (_lazy("digits", "digit_judge_even", placement=()), None),  # an SVC on the CPU
+    "digit_judge_in": (_lazy("digits", "digit_judge_in", placement=()), None),
 }
+REWARDS: dict[str, Callable[..., RewardFn]] = {name: factory for name, (factory, _) in _BUILT_IN.items()}
+_GPU_MEMORY: dict[str, Optional[GPUMemory]] = {name: memory for name, (_, memory) in _BUILT_IN.items()}
+#: ``register_reward``'s default: the reward's GPU memory is not known (the planner asks for it)
+UNKNOWN = GPUMemory("unknown", "unknown", 0, 0)
 
 
-def register_reward(name: str, factory: Callable[..., RewardFn]) -> None:
-    """Add ``factory(device=..., dtype=..., batch_size=..., **kwargs) -> reward`` under ``name``."""
+def register_reward(name: str, factory: Callable[..., RewardFn], gpu_memory: Optional[GPUMemory] = UNKNOWN) -> None:
+    """Add ``factory(device=..., dtype=..., batch_size=..., **kwargs) -> reward`` under ``name``.
+
+    ``gpu_memory``: what its model holds on the GPU (None: nothing), for the memory planner.
+    """
     if not name or ":" in name:
         raise ValueError(f"reward name {name!r} must be non-empty and contain no ':'")
     REWARDS[name] = factory
+    _GPU_MEMORY[name] = gpu_memory
+
+
+def reward_gpu_memory(name: str) -> Optional[GPUMemory]:
+    """The registered reward's GPU memory (None: it uses none); ``LookupError`` when the registry has no size."""
+    memory = _GPU_MEMORY.get(name, UNKNOWN) if name in REWARDS else UNKNOWN
+    if memory is UNKNOWN:
+        raise LookupError(f"reward {name!r}: its GPU memory is not registered")
+    return memory
 
 
 @dataclass(frozen=True)
