@@ -35,6 +35,8 @@ class PlanSettings:
     train_batch_size: int = 2
     sample_batch_size: int = 4
     samples_per_process: int = 16
+    #: the policy seam's name (``policy`` key; None: the model's default, LoRA for a pipeline)
+    policy: Optional[str] = None
     rank: int = 32
     lora_alpha: Optional[float] = None
     lora_target_modules: Optional[tuple[str, ...]] = None
@@ -85,6 +87,7 @@ class PlanSettings:
             train_batch_size=cfg.train_batch_size,
             sample_batch_size=cfg.sample_batch_size,
             samples_per_process=sizes.samples_per_process,
+            policy=cfg.policy,
             rank=cfg.rank,
             lora_alpha=cfg.lora_alpha,
             lora_target_modules=tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None,

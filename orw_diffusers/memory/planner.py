@@ -24,7 +24,9 @@ from ..models.base import Conditioning
 from ..models.pipeline import PipelineFamily
 from ..models.sd3 import JOINT_ATTENTION_TARGETS
 from .configs import ModelConfigs
+from ..policies import Policy
 from .plan import DEFAULT_RUNTIME_OVERHEAD, PHASES, MemoryItem, MemoryPlan, PlanSettings
+from .policy import attach_policy, policy_items
 from .sizes import parse_size
 from .trace import checkpoint_under_autocast, meta_diffusers_model, meta_text_encoder, num_parameters, parameter_bytes
 from .trace import trace_peak
@@ -132,10 +134,12 @@ class MemoryPlanner:
         self._models: dict[Any, torch.nn.Module] = {}
         self._traces: dict[Any, int] = {}
         # the LoRA targets the trainer would use: its family's defaults where the family exists
+        self._attached: dict[Any, tuple[torch.nn.Module, Policy, list[torch.nn.Parameter]]] = {}
         try:
-            self.default_lora_targets = list(family_for(configs.pipeline_class).lora_target_modules)
+            family = family_for(configs.pipeline_class)
+            self.default_lora_targets, self.default_policy = list(family.lora_target_modules), family.default_policy
         except ConfigError:
-            self.default_lora_targets = list(FALLBACK_LORA_TARGETS)
+            self.default_lora_targets, self.default_policy = list(FALLBACK_LORA_TARGETS), "lora"
 
     # --- meta models --------------------------------------------------------------------------
     def _cached(self, key: Any, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -146,17 +150,18 @@ class MemoryPlanner:
     def lora_targets(self, s: PlanSettings) -> list[str]:
         return list(s.lora_target_modules or self.default_lora_targets)
 
-    def transformer(self, s: PlanSettings) -> torch.nn.Module:
-        """The transformer with the trainer's two adapters (``lora.add_adapters``), on meta."""
-        from .. import lora
-
-        def build() -> torch.nn.Module:
+    def attached(self, s: PlanSettings) -> tuple[torch.nn.Module, Policy, list[torch.nn.Parameter]]:
+        """The transformer on meta with the run's policy attached by the policy itself (``memory/policy.py``), the
+        policy, and its trained parameters."""
+        key = ("transformer", s.weight_dtype, s.policy, s.rank, s.lora_alpha, tuple(self.lora_targets(s)))
+        if key not in self._attached:
             model = meta_diffusers_model(self.configs.components["transformer"], s.weight_dtype)
-            with torch.device("meta"):  # peft creates the adapter layers on the current device
-                lora.add_adapters(model, s.rank, s.lora_alpha, self.lora_targets(s))
-            return model
+            policy, params = attach_policy(model, s, self.lora_targets(s), self.default_policy)
+            self._attached[key] = (model, policy, params)
+        return self._attached[key]
 
-        return self._cached(("transformer", s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s))), build)
+    def transformer(self, s: PlanSettings) -> torch.nn.Module:
+        return self.attached(s)[0]
 
     def vae(self, s: PlanSettings) -> torch.nn.Module:
         return self._cached(
@@ -206,26 +211,27 @@ class MemoryPlanner:
         return one + (batch - 1) * (two - one)
 
     def _model_key(self, s: PlanSettings) -> tuple:
-        return (s.weight_dtype, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
+        return (s.weight_dtype, s.policy, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
 
     def train_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
         """Peak bytes of one training loss of a micro-batch, as ``Trainer.optimise`` runs it: the objective's
         forward passes in its order (``s.train_passes``), each output kept until the loss, then backward
         (gradients included). A loss per trained timestep runs its backward before the next: one loss is the peak."""
-        from .. import lora
         from ..flow import guided_velocity, interpolate, target_velocity
         from ..loss import orw_cfm_w2_loss
 
-        model = self.transformer(s)
+        model, policy, _ = self.attached(s)
         guided = self.guided_training(s)
-        adapters = {"reference": lora.reference, "sampler": lora.sampler_adapter}
+        modules = {"reference": policy.reference, "sampler": policy.sampler}  # the policy's own, as the trainer's
 
         def trace_at(b: int) -> int:
-            def velocity(x_t: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+            def velocity(
+                net: torch.nn.Module, x_t: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]
+            ) -> torch.Tensor:
                 if not guided:
-                    return self._velocity(s, model, x_t, sigmas, cond)
+                    return self._velocity(s, net, x_t, sigmas, cond)
                 # both branches in one batch, gradients through both (Trainer.training_fields)
-                v = self._velocity(s, model, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]), cond)
+                v = self._velocity(s, net, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]), cond)
                 return guided_velocity(*v.chunk(2), s.guidance_scale)
 
             def step() -> None:
@@ -236,9 +242,9 @@ class MemoryPlanner:
                 v_target = target_velocity(latents, noise)
                 cond = self._cond(s, 2 * b if guided else b)  # the micro-batch's rows, moved from the prompt cache
                 outputs: dict[str, torch.Tensor] = {}
-                for name in s.train_passes:  # the no-grad passes under the policy's adapters for them
-                    with adapters[name](model) if name in adapters else contextlib.nullcontext():
-                        outputs[name] = velocity(x_t, sigmas, cond)
+                for name in s.train_passes:  # the no-grad passes with the policy's modules for them
+                    with modules[name](model) if name in modules else contextlib.nullcontext(model) as net:
+                        outputs[name] = velocity(net, x_t, sigmas, cond)
                 # a regression head on the outputs, as ORW's; the others' heads are a few latent-sized tensors too
                 v_other = outputs.get("reference", outputs.get("sampler"))
                 out = orw_cfm_w2_loss(outputs["policy"], v_target, v_other, torch.ones(b, device="meta"),
@@ -264,10 +270,9 @@ class MemoryPlanner:
 
     def sample_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
         """Peak bytes of one Euler step of ``sample_ode`` with the sampler adapter (no grad)."""
-        from .. import lora
         from ..flow import euler_step, guided_velocity
 
-        model = self.transformer(s)
+        model, policy, _ = self.attached(s)
         cfg = s.guidance_scale > 1 and self.arch.doubles_batch_for_guidance
 
         def trace_at(b: int) -> int:
@@ -279,8 +284,8 @@ class MemoryPlanner:
                     cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 sigmas = torch.rand(model_in.shape[0], device="meta")
-                with torch.no_grad(), lora.sampler_adapter(model):
-                    v = self._velocity(s, model, model_in, sigmas, cond)
+                with torch.no_grad(), policy.sampler(model) as net:
+                    v = self._velocity(s, net, model_in, sigmas, cond)
                 if cfg:
                     v = guided_velocity(*v.chunk(2), s.guidance_scale)
                 return euler_step(latents, v, 1.0, 0.9)
@@ -332,26 +337,17 @@ class MemoryPlanner:
     # --- the plan --------------------------------------------------------------------------------
     def plan(self, s: PlanSettings, runtime_overhead: int = parse_size(DEFAULT_RUNTIME_OVERHEAD)) -> MemoryPlan:
         """Every component of GPU memory during a round, with the phases it is resident in."""
-        from .. import lora
-
         all_round = ("sample", "decode", "reward", "train")
         items: list[MemoryItem] = []
         notes: list[str] = []
         # first, so that an unsized reward is an error before any model is built
         reward_models, reward_act = self.reward_models(s, notes)
-        model = self.transformer(s)
         dt_bytes = torch.finfo(s.weight_dtype).bits // 8
 
-        # frozen weights
-        # buffers count too: SD3's position-embedding table is 384^2 x 1536 values in SD3.5-Medium
-        frozen = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
-        frozen += sum(b.numel() * b.element_size() for b in model.buffers())
-        frozen_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-        items.append(
-            MemoryItem(
-                "frozen weights", f"transformer ({frozen_count / 1e9:.2f} B params + buffers)", frozen, all_round
-            )
-        )
+        # the denoiser as the policy holds it: frozen weights, or trained weights and the policy's copies
+        module, policy, params = self.attached(s)
+        weights, training, grads = policy_items(module, policy, params, s, all_round)
+        items += weights
         vae = self.vae(s)
         items.append(
             MemoryItem(
@@ -369,17 +365,7 @@ class MemoryPlanner:
                 MemoryItem("frozen weights", f"reward: {rm.description}{dtype}", rm.weight_bytes(s.reward_dtype), all_round)
             )
 
-        # LoRA: two adapters (trained + sampler) in fp32, gradients and AdamW's two moments for the trained one
-        trained = sum(p.numel() for p in lora.lora_parameters(model, lora.TRAINED))
-        both = sum(p.numel() for p in lora.lora_parameters(model, None))
-        items.append(
-            MemoryItem("LoRA", f"adapters: trained + sampler ({both / 1e6:.1f} M params, fp32)", 4 * both, all_round)
-        )
-        items.append(MemoryItem("LoRA", "AdamW state (2 moments, fp32)", 8 * trained, all_round))
-        grads = 4 * trained
-        items.append(MemoryItem("LoRA", "gradients (fp32)", grads, ("train",)))
-        if s.num_processes > 1:
-            items.append(MemoryItem("LoRA", "DDP gradient buckets", grads, all_round))
+        items += training  # LoRA: the two adapters; AdamW's two moments and the gradients of what is trained
 
         # the round's data kept on the GPU
         latent_numel = math.prod(self.latent_shape(s))
