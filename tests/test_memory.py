@@ -327,3 +327,49 @@ def test_the_training_trace_runs_the_objectives_own_passes(tiny_sd3_path, tiny_p
     assert orw.train_passes == ("reference", "policy")
     no_w2 = TrainConfig(**tiny_run_config(tiny_sd3_path, "out", w2_coefficient=0.0))
     assert PlanSettings.from_train_config(no_w2).train_passes == ("policy",)
+
+
+def _velocity_run(**overrides) -> TrainConfig:
+    values = dict(model_factory="orw_diffusers.digits.pixel:pixel_mlp", model_kwargs={"width": 16, "depth": 2},
+                  output_dir="unused-output-dir", prompts=[""], images_per_prompt=4, sample_batch_size=4,
+                  train_batch_size=4, num_sampling_steps=2, reward="jpeg_compressibility", mixed_precision="no",
+                  rank=4)  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_a_plain_velocity_model_plans_as_its_policy_holds_it(capsys):
+    """policy: full trains every weight in fp32 beside the policy's reference and sampler copies; LoRA keeps the
+    module frozen and trains two adapters. The planner asks the policy (its attach and its modules)."""
+    from orw_diffusers.digits.pixel import pixel_mlp
+    from orw_diffusers.memory.velocity import VelocityPlanner
+
+    params = sum(p.numel() for p in pixel_mlp(width=16, depth=2).parameters())
+    cfg = _velocity_run(policy="full")
+    planner = VelocityPlanner.from_config(cfg)
+    s = PlanSettings.from_train_config(cfg)
+    full = planner.plan(s)
+    weights = {item.name: item.bytes for item in full.items if item.group in ("full fine-tuning", "frozen weights")}
+    assert weights == {
+        "velocity model: trained weights (0.00 B params + buffers)": 4 * params,
+        "velocity model: the policy's reference copy": 4 * params,
+        "velocity model: the policy's sampler copy": 4 * params,
+        "AdamW state (2 moments, fp32)": 8 * params,
+        "gradients (fp32)": 4 * params,
+    }
+    assert full.policy == "policy full" and full.phase_total("train") > full.phase_total("sample") > 0
+    lora = planner.plan(replace(s, policy="lora"))
+    assert lora.item("velocity model (0.00 B params + buffers)").bytes == 4 * params
+    assert lora.phase_total("train") < full.phase_total("train")
+    # the objective's step, as for a pipeline: no W2 term, no reference pass
+    no_ref = PlanSettings.from_train_config(_velocity_run(policy="full", w2_coefficient=0.0))
+    assert no_ref.train_passes == ("policy",)
+    assert 0 < planner.train_step_peak(no_ref) <= planner.train_step_peak(s)
+    # and from the command line
+    argv = ["--model_factory", "orw_diffusers.digits.pixel:pixel_mlp", "--model_kwargs", '{"width": 16, "depth": 2}',
+            "--prompts", '[""]', "--images_per_prompt", "4", "--reward", "jpeg_compressibility", "--policy", "full",
+            "--gpu_memory", "1GiB"]  # fmt: skip
+    assert memory.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "policy full" in out and "the policy's sampler copy" in out
+    assert memory.main(argv + ["--gradient_checkpointing", "true"]) == 2
+    assert capsys.readouterr().err.startswith("error: gradient_checkpointing: the memory planner does not plan")

@@ -3,8 +3,8 @@
     python -m orw_diffusers.memory --config run.yaml [--gpu_memory 24GiB] [--key value ...]
 
 Nothing is downloaded. The model's real architecture is built from its configs on the ``meta``
-device (shapes only: no weights, no compute), with the two LoRA adapters attached by the trainer's
-own ``lora.add_adapters``. The activation memory of each phase of a round is then *measured*, not
+device (shapes only: no weights, no compute), with the run's policy attached by the policy itself
+(LoRA's two adapters, or full fine-tuning's copies). The activation memory of each phase of a round is then *measured*, not
 guessed: the phase's real forward (and backward) passes run on meta tensors while ``trace_peak``
 counts the bytes of every tensor alive after each operator.
 
@@ -12,7 +12,10 @@ counts the bytes of every tensor alive after each operator.
 - ``trace``: models on meta and the byte counting (fused attention, CUDA autocast emulation);
 - ``plan``: the settings a plan reads (``PlanSettings``), the phases, the plan (``MemoryPlan``);
 - ``planner``: the bytes of every component per phase, the transformer's shapes read from its
-  family file (``memory_architectures`` in ``models/<family>.py``), the reward models' sizes;
+  family file (``memory_architectures`` in ``models/<family>.py``), the reward models' sizes (declared in the reward registry);
+- ``step``: the forward passes of the objective's training loss, asked of the objective;
+- ``policy``: the policy attached on meta and what it holds (weights, copies, optimizer state, gradients);
+- ``velocity``: the plan of a plain velocity model (``model_factory``);
 - ``advice``: the first knob to turn, the largest batch sizes that fit;
 - ``cli``: the arguments and the printed table; ``sizes``: '24GiB' and friends.
 

@@ -35,7 +35,7 @@ def knob_candidates(
     # a size given with --reward_memory is not scaled by reward_dtype, so only table models count here
     if s.reward_dtype == "float32" and any(rm.given_bytes is None for rm in reward_models):
         out.append(("reward_dtype: float16", replace(s, reward_dtype="float16")))
-    if not s.gradient_checkpointing:
+    if not s.gradient_checkpointing and planner.can_checkpoint:
         out.append(("gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
     for b in _divisors_desc(s.samples_per_process, s.train_batch_size - 1):
         fits = planner.plan(replace(s, train_batch_size=b), overhead).fits(budget)

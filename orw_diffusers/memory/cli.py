@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..dtypes import precision_dtype
 from ..errors import ConfigError
@@ -25,7 +25,7 @@ def format_plan(plan: MemoryPlan, budget: Optional[int] = None, advice: Optional
     s = plan.settings
     precision = {"no": "fp32", "fp16": "fp16 (autocast)", "bf16": "bf16 (autocast)"}[s.mixed_precision]
     lines = [
-        f"Memory plan for {s.model} at {s.resolution} px, {precision}, LoRA rank {s.rank}, "
+        f"Memory plan for {s.model} at {s.resolution} px, {precision}, {plan.policy or f'LoRA rank {s.rank}'}, "
         f"train_batch_size {s.train_batch_size}, sample_batch_size {s.sample_batch_size}, "
         f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
         f"prompt cache {'on' if s.prompt_cache else 'off'}, T5 {'on' if s.load_t5 else 'off'}, "
@@ -93,6 +93,15 @@ def planned_model_path(path: str) -> str:
     return cached
 
 
+def make_planner(cfg: Any) -> MemoryPlanner:
+    """The planner of a run config: its pipeline's configs, or its plain velocity model (``model_factory``)."""
+    if cfg.model_factory:
+        from .velocity import VelocityPlanner
+
+        return VelocityPlanner.from_config(cfg)
+    return MemoryPlanner(load_model_configs(planned_model_path(cfg.pretrained_model_name_or_path)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..config import from_dict, load_yaml, parse_overrides
 
@@ -131,7 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         precision_dtype(settings.mixed_precision)  # the config's, else Accelerate's: one line if unknown
         budget = parse_size(args.gpu_memory) if args.gpu_memory else None
         overhead = parse_size(args.runtime_overhead)
-        planner = MemoryPlanner(load_model_configs(planned_model_path(cfg.pretrained_model_name_or_path)))
+        planner = make_planner(cfg)
+        if settings.gradient_checkpointing and not planner.can_checkpoint:
+            raise ConfigError("gradient_checkpointing: the memory planner does not plan this model's own "
+                              "checkpointing; plan without it")  # fmt: skip
         planner.reward_models(settings)  # an unsized reward is an error here, before any tracing
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

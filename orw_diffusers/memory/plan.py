@@ -19,7 +19,7 @@ PHASE_HELP = {
     "sample": "one Euler step of the sampling batch (no grad; x2 batch with classifier-free guidance)",
     "decode": "VAE decode of the sampling batch",
     "reward": "reward model on the decoded images",
-    "train": "one training loss of a micro-batch: the objective's passes (reference, sampler: no grad; policy) + backward",
+    "train": "one training loss of a micro-batch: the objective's forward passes, in its order, + backward",
 }
 # CUDA context, cuBLAS workspaces and caching-allocator slack: an assumption, not a measurement
 # (this planner was validated on CPU); override with --runtime_overhead.
@@ -82,7 +82,7 @@ class PlanSettings:
             num_prompts = len(load_prompts(cfg))
         sizes = derive_sizes(cfg, num_prompts, num_processes)
         return cls(
-            model=cfg.pretrained_model_name_or_path,
+            model=cfg.model_factory or cfg.pretrained_model_name_or_path,
             resolution=cfg.resolution,
             train_batch_size=cfg.train_batch_size,
             sample_batch_size=cfg.sample_batch_size,
@@ -142,6 +142,8 @@ class MemoryPlan:
     settings: PlanSettings
     items: list[MemoryItem]
     notes: list[str] = field(default_factory=list)
+    #: how the denoiser is trained, for the plan's header: "LoRA rank 32", "policy full"
+    policy: str = ""
 
     def phase_total(self, phase: str) -> int:
         return sum(item.bytes for item in self.items if phase in item.phases)

@@ -126,6 +126,12 @@ class MemoryPlanner:
     extrapolated; ``trace_peak`` at any other batch gives the same number.
     """
 
+    #: what the plan calls the trained denoiser
+    denoiser_name = "transformer"
+    #: whether gradient checkpointing can be planned (a knob the advice may turn)
+    can_checkpoint = True
+    decode_name = "VAE decode"
+
     def __init__(self, configs: ModelConfigs):
         self.configs = configs
         self.arch = architecture(configs)
@@ -155,15 +161,21 @@ class MemoryPlanner:
         policy, and its trained parameters."""
         key = ("transformer", s.weight_dtype, s.policy, s.rank, s.lora_alpha, tuple(self.lora_targets(s)))
         if key not in self._attached:
-            model = meta_diffusers_model(self.configs.components["transformer"], s.weight_dtype)
+            model = self._build_denoiser(s)
             policy, params = attach_policy(model, s, self.lora_targets(s), self.default_policy)
             self._attached[key] = (model, policy, params)
         return self._attached[key]
 
+    def _build_denoiser(self, s: PlanSettings) -> torch.nn.Module:
+        return meta_diffusers_model(self.configs.components["transformer"], s.weight_dtype)
+
     def transformer(self, s: PlanSettings) -> torch.nn.Module:
         return self.attached(s)[0]
 
-    def vae(self, s: PlanSettings) -> torch.nn.Module:
+    def policy_name(self, s: PlanSettings) -> str:
+        return s.policy or self.default_policy
+
+    def vae(self, s: PlanSettings) -> Optional[torch.nn.Module]:
         return self._cached(
             ("vae", s.weight_dtype), lambda: meta_diffusers_model(self.configs.components["vae"], s.weight_dtype).eval()
         )
@@ -184,6 +196,10 @@ class MemoryPlanner:
     # --- shapes ----------------------------------------------------------------------------------
     def latent_shape(self, s: PlanSettings) -> tuple[int, ...]:
         return self.arch.latent_shape(self.configs.components["transformer"], self.vae_scale, s.resolution)
+
+    def image_pixels(self, s: PlanSettings) -> int:
+        """Pixels of one decoded image (the rewards see it in float32 RGB)."""
+        return s.resolution**2
 
     def text_length(self, s: PlanSettings) -> int:
         return self.arch.text_length(self.configs.tokenizer_max_length(), s.max_sequence_length)
@@ -211,7 +227,8 @@ class MemoryPlanner:
         return one + (batch - 1) * (two - one)
 
     def _model_key(self, s: PlanSettings) -> tuple:
-        return (s.weight_dtype, s.policy, s.rank, s.lora_alpha, tuple(self.lora_targets(s)), s.resolution, s.max_sequence_length)
+        targets = tuple(self.lora_targets(s))
+        return (s.weight_dtype, s.policy, s.rank, s.lora_alpha, targets, s.resolution, s.max_sequence_length)
 
     def train_step_peak(self, s: PlanSettings, batch: Optional[int] = None) -> int:
         """Peak bytes of one training loss of a micro-batch, as ``Trainer.optimise`` runs it: the objective's
@@ -257,7 +274,8 @@ class MemoryPlanner:
             try:
                 return trace_peak(step, s.autocast_dtype)
             finally:
-                model.disable_gradient_checkpointing()
+                if s.gradient_checkpointing:
+                    model.disable_gradient_checkpointing()
                 for p in model.parameters():
                     p.grad = None
 
@@ -346,14 +364,12 @@ class MemoryPlanner:
 
         # the denoiser as the policy holds it: frozen weights, or trained weights and the policy's copies
         module, policy, params = self.attached(s)
-        weights, training, grads = policy_items(module, policy, params, s, all_round)
+        weights, training, grads = policy_items(module, policy, params, s, all_round, self.denoiser_name)
         items += weights
         vae = self.vae(s)
-        items.append(
-            MemoryItem(
-                "frozen weights", f"VAE ({num_parameters(vae) / 1e6:.0f} M params)", parameter_bytes(vae), all_round
-            )
-        )
+        if vae is not None:
+            label = f"VAE ({num_parameters(vae) / 1e6:.0f} M params)"
+            items.append(MemoryItem("frozen weights", label, parameter_bytes(vae), all_round))
         encoders = self.text_encoders(s)
         te_phases = ("encode",) + (all_round if not s.prompt_cache else ())
         for name, encoder in encoders.items():
@@ -398,9 +414,10 @@ class MemoryPlanner:
         label = f"sampling batch of {s.sample_batch_size}" + (" (x2 for guidance)" if guided else "")
         items.append(MemoryItem("activations", label, self.sample_step_peak(s), ("sample",)))
         items.append(
-            MemoryItem("activations", f"VAE decode of {s.sample_batch_size} images", self.decode_peak(s), ("decode",))
+            MemoryItem("activations", f"{self.decode_name} of {s.sample_batch_size} images", self.decode_peak(s),
+                       ("decode",))
         )
-        images = s.sample_batch_size * 3 * s.resolution**2 * 4
+        images = s.sample_batch_size * 3 * self.image_pixels(s) * 4
         items.append(MemoryItem("activations", "reward model (+ the decoded images)", reward_act + images, ("reward",)))
         if encoders:
             items.append(
@@ -413,7 +430,8 @@ class MemoryPlanner:
         )
         if not s.prompt_cache:
             notes.append("without the prompt cache the text encoders stay on the GPU for the whole run")
-        return MemoryPlan(s, items, notes)
+        policy_text = f"LoRA rank {s.rank}" if self.policy_name(s) == "lora" else f"policy {self.policy_name(s)}"
+        return MemoryPlan(s, items, notes, policy_text)
 
     def reward_models(self, s: PlanSettings, notes: Optional[list[str]] = None) -> tuple[list[RewardModel], int]:
         """The reward models on the GPU (one per shared key) and their activations for one reward batch.

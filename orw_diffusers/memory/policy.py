@@ -22,7 +22,8 @@ ADAPTER_MARK = "lora_"
 def attach_policy(
     module: torch.nn.Module, s: PlanSettings, lora_targets: list[str], default_policy: str
 ) -> tuple[Policy, list[torch.nn.Parameter]]:
-    """The run's policy (``s.policy``, else ``default_policy``) attached to the meta ``module``; its trained parameters."""
+    """The run's policy (``s.policy``, else ``default_policy``) attached to the meta ``module``, and the parameters
+    it trains."""
     cfg = SimpleNamespace(policy=s.policy, rank=s.rank, lora_alpha=s.lora_alpha, lora_target_modules=lora_targets)
     policy = build_policy(cfg, SimpleNamespace(lora_target_modules=lora_targets, default_policy=default_policy))
     with torch.device("meta"):  # peft creates the adapter layers on the current device
@@ -67,7 +68,8 @@ def policy_items(
             weights.append(MemoryItem("frozen weights", f"{name}: the policy's {role} copy", nbytes, phases))
     else:
         group = "LoRA"
-        weights.append(MemoryItem("frozen weights", f"{name} ({count / 1e9:.2f} B params + buffers)", base_bytes, phases))
+        label = f"{name} ({count / 1e9:.2f} B params + buffers)"
+        weights.append(MemoryItem("frozen weights", label, base_bytes, phases))
         both = sum(p.numel() for p in adapters)
         training.append(MemoryItem(group, f"adapters: trained + sampler ({both / 1e6:.1f} M params, fp32)",
                                    _bytes(adapters), phases))  # fmt: skip

@@ -13,8 +13,8 @@ Config syntax (``reward:`` in the run config):
   with ``kwargs`` it is called as ``function(images, prompts, **kwargs)``).
 
 Public API: ``REWARDS``, ``register_reward``, ``reward_gpu_memory`` (``GPUMemory``), ``RewardSpec``,
-``parse_reward_spec``, ``resolve_custom``, ``build_reward`` -> ``CompositeReward`` -> ``RewardOutput``, ``clean_scores``,
-``RewardError``, ``clear_model_cache``.
+``parse_reward_spec``, ``resolve_custom``, ``build_reward`` -> ``CompositeReward`` -> ``RewardOutput``,
+``clean_scores``, ``RewardError``, ``clear_model_cache``.
 """
 
 from __future__ import annotations
