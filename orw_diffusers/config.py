@@ -2,6 +2,10 @@
 
 Keys follow diffusers' training scripts where one exists (``pretrained_model_name_or_path``,
 ``learning_rate``, ...); the method's keys keep the paper's names (``w2_coefficient``, ``temperature``).
+
+Each part declares its keys next to its code (an objective in its file, the policies, the velocity models,
+the rewards, the judges, checkpoints, the Hub) and checks them in its own ``validate_*``; this module holds
+the loop's keys, composes the one flat ``TrainConfig`` from ``KEY_BLOCKS`` and runs every check.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from .errors import ConfigError
 from .hub import HubKeys, validate_hub_keys
 from .judges import JudgeKeys, validate_judges
 from .keys import KeyBlock, check_choice, check_off_or_count, check_positive, coerce, key_field, key_names
-from .overrides import apply_aliases, load_yaml, read_overrides
 from .models.pipeline import PipelineKeys
 from .models.velocity import VelocityKeys, validate_velocity_config
 from .objectives import OBJECTIVES, validate_objective
+from .overrides import apply_aliases, load_yaml, read_overrides
 from .policies import LoRAKeys, PolicyKeys, validate_policy
 from .rewards import RewardKeys, validate_reward_keys
 
