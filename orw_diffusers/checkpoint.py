@@ -16,6 +16,7 @@ adapters and the state file and keep Accelerate from saving the full transformer
 A checkpoint is written into ``checkpoints/.tmp-checkpoint-NNNNNN`` and renamed when complete, so a
 process killed mid-write leaves only a temporary directory, which is never taken for ``latest`` and
 is removed by the next save. Only torch is imported at module level: the config validation uses this module.
+Its keys (``CheckpointKeys``) are declared and checked here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import ConfigError
+from .keys import check_off_or_count, key_field
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -41,6 +45,47 @@ _OLD_PREFIX = ".old-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # diffusers' LoRA files prefix the transformer's keys with the pipeline component name.
 _TRANSFORMER_PREFIX = "transformer."
+
+
+@dataclass
+class CheckpointKeys:
+    """The run-config keys of resumable checkpoints."""
+
+    checkpointing_steps: Optional[int] = key_field(
+        "Save a resumable checkpoint every N rounds (online rounds, as num_epochs counts them; not optimizer "
+        "steps), and after the last round, to output_dir/checkpoints/. 0 or null: off.",
+        None,
+    )
+    checkpoints_total_limit: Optional[int] = key_field(
+        "Keep at most this many checkpoints; the oldest are deleted first, the newest never. null: keep all.", None
+    )
+    resume_from_checkpoint: Optional[str] = key_field(
+        "Continue a run from a checkpoint directory, a checkpoint name such as 'checkpoint-000010' (in "
+        "output_dir/checkpoints/), or 'latest' (the newest complete checkpoint there; a fresh start if there is none).",
+        None,
+        path=True,
+    )
+
+
+def validate_checkpoint_keys(cfg: Any) -> None:
+    """The checkpoint keys against ``output_dir``: what to resume exists, and a fresh run starts in a clean one."""
+    check_off_or_count(cfg, "checkpointing_steps")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit: {cfg.checkpoints_total_limit!r} must be >= 1 (null keeps all)")
+    resume = cfg.resume_from_checkpoint
+    if resume is not None and resume != "latest" and find_checkpoint(resume, cfg.output_dir) is None:
+        names = [os.path.basename(path) for _, path in list_checkpoints(cfg.output_dir)]
+        have = f"; {cfg.output_dir!r} holds {', '.join(names)}" if names else ""
+        raise ConfigError(
+            f"resume_from_checkpoint: {resume!r} is neither 'latest', a checkpoint name in output_dir/checkpoints/ "
+            f"(checkpoint-NNNNNN) nor a complete checkpoint directory (holding trainer_state.json){have}"
+        )
+    # A fresh run must not share checkpoints/ with an earlier one: 'latest' could later pick the old run's.
+    if resume is None and list_checkpoints(cfg.output_dir):
+        raise ConfigError(
+            f"resume_from_checkpoint: output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; "
+            f"set resume_from_checkpoint: latest to continue it, or use a new output_dir (or delete its checkpoints/)"
+        )
 
 
 @dataclass

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .card import (
@@ -25,6 +26,7 @@ from .card import (
 )  # fmt: skip
 from .card import read_metrics  # noqa: F401 - the benchmarks read metrics.jsonl as ``hub.read_metrics``
 from .errors import ConfigError
+from .keys import key_field
 from .objectives import objective_class
 from .weight_files import WEIGHT_FILES
 
@@ -60,6 +62,30 @@ def _reason(e: BaseException) -> str:
     """``Type: first line`` of an exception, with anything token-like replaced: safe to print."""
     first = str(e).splitlines()[0] if str(e) else ""
     return _TOKEN_LIKE.sub("hf_***", f"{type(e).__name__}: {first}".rstrip(": "))
+
+
+@dataclass
+class HubKeys:
+    """The run-config keys of the upload to the Hub."""
+
+    push_to_hub: bool = key_field(
+        "After training, upload the weights and model card to the Hub repo hub_model_id (token from HF_TOKEN or "
+        "`huggingface-cli login`).",
+        False,
+    )
+    hub_model_id: Optional[str] = key_field(
+        "Hub repo to push to: 'name' (your namespace) or 'namespace/name'. Default: output_dir's folder name.", None
+    )
+    hub_private: bool = key_field(
+        "Create the Hub repo as private (if it does not exist yet). diffusers' hub_private_repo is read as this key.",
+        False,
+    )
+
+
+def validate_hub_keys(cfg: Any) -> None:
+    """The repo id a push would use, checked offline (the token and the repo are checked by ``prepare_repo``)."""
+    if cfg.push_to_hub or cfg.hub_model_id is not None:
+        check_repo_id(default_repo_id(cfg))  # hub_model_id, else output_dir's name
 
 
 def default_repo_id(cfg: Any) -> str:

@@ -9,17 +9,48 @@ resumed run raises it in the same round as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .control import hacking_alarm, window_change
 from .errors import ConfigError
+from .keys import key_field
 
 logger = logging.getLogger(__name__)
 
 EVAL_PREFIX = "eval/"
 ALARM_METRIC = "hacking_alarm"
+
+
+@dataclass
+class JudgeKeys:
+    """The run-config keys of the held-out judges and the reward-hacking alarm (every objective)."""
+
+    eval_reward: Any = key_field(
+        "Held-out rewards (the syntax of reward), scored on every round's samples and on the validation renders "
+        "and logged as eval/<name>_mean; never trained on. null: none.",
+        None,
+    )
+    hacking_window: int = key_field(
+        "Rounds the reward-hacking alarm looks back over: it fires when, over the last hacking_window rounds, the "
+        "training reward's least-squares change is >= hacking_min_rise while an eval_reward's is <= -hacking_min_drop.",
+        20,
+    )
+    hacking_min_rise: float = key_field(
+        "The alarm's least rise of the mean training reward over the window, in its units (0: it did not fall; a "
+        "hacked reward often saturates before the judges fall).",
+        0.0,
+    )
+    hacking_min_drop: float = key_field(
+        "The alarm's least fall of a mean eval_reward over the window, in its units; set it above the judge's noise "
+        "(docs/results.md: 0.1 for a [0, 1] judge on 128 samples per round).",
+        0.1,
+    )
+    stop_on_reward_hacking: bool = key_field(
+        "When the alarm fires, save a checkpoint, the weights and the model card, and end the run.", False
+    )
 
 
 def validate_judges(cfg: Any) -> None:

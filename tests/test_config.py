@@ -175,3 +175,25 @@ def test_paths_expand_home_and_environment_variables(tmp_path, good, monkeypatch
     assert cfg.pretrained_model_name_or_path == str(tmp_path / "model")
     assert cfg.output_dir == str(tmp_path / "runs" / "a")
     validate(cfg)
+
+
+def test_each_key_is_declared_once_by_its_part():
+    """The run config is composed from the parts' key blocks: every key once, in the blocks' order; an objective's
+    keys are its own block's plus the ones it shares, declared by another objective."""
+    import dataclasses
+
+    from orw_diffusers.config import KEY_BLOCKS, compose, field_names
+    from orw_diffusers.keys import KeyBlock, key_names
+    from orw_diffusers.objectives import OBJECTIVES
+    from orw_diffusers.policies.lora import LoRAKeys
+
+    names = [name for block in KEY_BLOCKS for name in key_names(block.keys)]
+    assert names == field_names() and len(set(names)) == len(names)
+    assert list(TrainConfig().to_dict()) == names
+    for objective in OBJECTIVES.values():
+        own = key_names(objective.key_block)
+        assert own and objective.config_keys[: len(own)] == own
+        assert set(objective.config_keys[len(own):]) <= set(names) - set(own)
+    assert {f.name: f.metadata["path"] for f in dataclasses.fields(TrainConfig)}["model_checkpoint"] is True
+    with pytest.raises(TypeError, match="duplicated"):
+        compose((*KEY_BLOCKS, KeyBlock("LoRA, again", LoRAKeys)))

@@ -13,7 +13,25 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 
 from ..weight_files import LORA_WEIGHTS_NAME
+from ..keys import key_field
 from .base import Conditioning, FlowModel
+
+
+@dataclass
+class PipelineKeys:
+    """The run-config keys of a diffusers pipeline (the fields of ``LoadOptions``)."""
+
+    pretrained_model_name_or_path: str = key_field(
+        "Hub id or local directory of a diffusers flow-matching pipeline (StableDiffusion3Pipeline, FluxPipeline), "
+        "or 'orw-diffusers/digits': the CPU digits base of the demo, read from the cache ($ORW_DIFFUSERS_CACHE, "
+        "default ~/.cache/orw_diffusers) and built there (minutes, on CPU) when first loaded.",
+        "stabilityai/stable-diffusion-3.5-medium",
+        path=True,
+    )
+    revision: Optional[str] = key_field("Hub revision (branch, tag or commit) of the model.", None)
+    variant: Optional[str] = key_field("Weight file variant to load, e.g. 'fp16'.", None)
+    load_t5: bool = key_field("Load the T5 text encoder (SD3). False saves ~9 GB; T5 context is then zeros.", True)
+    max_sequence_length: int = key_field("T5 token length of the prompt context (diffusers' default 256).", 256)
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..weight_files import VELOCITY_LORA_NAME
+from ..keys import key_field
 from .base import Conditioning, FlowModel
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,48 @@ VELOCITY_KIND = "velocity"
 LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 #: torchcfm's training checkpoints: the keys that hold a model's weights, the preferred first
 CHECKPOINT_MODEL_KEYS = ("ema_model", "net_model")
+
+
+@dataclass
+class VelocityKeys:
+    """The run-config keys of plain velocity models (``model_factory``; the pipeline's path is then unused)."""
+
+    model_factory: Optional[str] = key_field(
+        "'module:function' or 'file.py:function' returning an nn.Module called as model(t, x[, y=labels]) "
+        "(torchcfm's convention: t = 0 noise, t = 1 data, the velocity towards the data). Set: train it instead "
+        "of a pipeline (pixel space; class-conditional when it has an int num_classes, prompts then being labels).",
+        None,
+    )
+    model_kwargs: Any = key_field("Keyword arguments of model_factory (a mapping).", None)
+    model_checkpoint: Optional[str] = key_field(
+        "Weights of the model_factory model: a .safetensors state dict, or a torch file read with "
+        "weights_only=True: torchcfm's {net_model, ema_model, optim, sched, step} (ema_model when present; the "
+        "optimizer and scheduler are never restored) or a bare state dict.",
+        None,
+        path=True,
+    )
+    checkpoint_key: Optional[str] = key_field(
+        "The entry of model_checkpoint to load, e.g. 'net_model'. Default: 'ema_model' if present, else 'net_model'.",
+        None,
+    )
+    image_shape: Optional[list[int]] = key_field(
+        "[C, H, W] of a sample (C 1 or 3). Default: the model's in_channels and image_size (torchcfm's UNet).", None
+    )
+    data_range: list[float] = key_field(
+        "[low, high]: the pixel range of the model's data (torchcfm's [-1, 1]); rewards see images in [0, 1].",
+        factory=lambda: [-1.0, 1.0],
+    )
+    clip_samples: bool = key_field(
+        "Plain velocity models: clamp each rollout to data_range before it is scored and trained on, so the model "
+        "never learns from samples outside the data's range (at alpha 0 their scale can run away; see "
+        "docs/results.md). Off by default, as in the paper's code.",
+        False,
+    )
+    null_class: Optional[int] = key_field(
+        "Class-conditional models: the label of classifier-free guidance's unconditional branch "
+        "(needed for guidance_scale > 1).",
+        None,
+    )
 
 
 def torchcfm_time(sigmas: torch.Tensor) -> torch.Tensor:

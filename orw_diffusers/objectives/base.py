@@ -85,7 +85,9 @@ class Objective(ABC):
     #: True when the loss re-scores a rollout under the field it was sampled from (a likelihood ratio): the trained
     #: field must then be the sampled one, so ``cfg_training: conditional`` with true CFG is refused
     scores_sampled_field: ClassVar[bool] = False
-    #: the run-config keys that belong to this objective
+    #: the dataclass of ``keys.key_field`` fields that declares this objective's own run-config keys (None: none)
+    key_block: ClassVar[Optional[type]] = None
+    #: the run-config keys that belong to this objective: its ``keys``, and any it shares with another objective
     config_keys: ClassVar[tuple[str, ...]] = ()
     #: metrics shown on the rounds progress bar, besides the reward
     progress_keys: ClassVar[tuple[str, ...]] = ()

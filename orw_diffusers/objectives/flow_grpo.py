@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .. import streams
 from ..errors import ConfigError
 from ..flow import euler_step, per_sample_noise, sample_generator
+from ..keys import key_field, key_names
 from ..loss import clipped_ratio_loss, group_advantages
 from ..sampling import VelocityField
 from ..sde import KL_TYPES, SDE_TYPES, sde_step, step_kl, window_steps
@@ -25,6 +27,52 @@ logger = logging.getLogger(__name__)
 
 #: a round whose share of masked samples (groups whose rewards are all equal) reaches this is warned about
 MASKED_WARNING = 0.5
+
+
+@dataclass
+class FlowGRPOKeys:
+    """Flow-GRPO's run-config keys (objective: flow_grpo); DiffusionNFT shares kl_beta, adv_clip_max, global_std."""
+
+    noise_level: float = key_field(
+        "a: the SDE's diffusion a sqrt(sigma / (1 - sigma)) on the stochastic steps (cps: std sigma_next sin(a pi/2)).",
+        0.7,
+    )
+    sde_type: str = key_field("'sde' (Flow-GRPO's reverse SDE) or 'cps' (coefficients-preserving sampling).", "sde")
+    sde_window_size: int = key_field(
+        "Stochastic (and trained) steps per rollout, a window placed at random in sde_window_range each round; "
+        "the other steps are Euler. 0: every step but the last.",
+        0,
+    )
+    sde_window_range: Optional[list[int]] = key_field(
+        "[low, high]: the steps the SDE window may cover. Default: the first half of the trajectory.", None
+    )
+    global_std: bool = key_field(
+        "Advantages (r - group mean) / std with the std of the whole batch (true) or of the prompt's group "
+        "(flow_grpo and diffusion_nft).",
+        True,
+    )
+    adv_clip_max: float = key_field(
+        "Advantages are clipped to +-adv_clip_max (flow_grpo and diffusion_nft; diffusion_nft maps the clipped "
+        "advantage to r = A / (2 adv_clip_max) + 0.5).",
+        5.0,
+    )
+    clip_range: float = key_field("epsilon of the clipped ratio clip(rho, 1 - epsilon, 1 + epsilon).", 1e-4)
+    kl_beta: Optional[float] = key_field(
+        "Weight of the KL to the reference (the base model): flow_grpo's of each trained step's transition, "
+        "diffusion_nft's mean ||v_theta - v_ref||^2. 0: no reference pass. Default (null): the objective's, 0.04 for "
+        "flow_grpo, 1e-4 for diffusion_nft.",
+        None,
+    )
+    kl_type: str = key_field(
+        "The KL's scale: 'flow_grpo' (mean squared gap of the two transition means over 2 (a sqrt(sigma/(1-sigma)))^2, "
+        "as Flow-GRPO's code, so its kl_beta values carry over) or 'exact' (over 2 std^2, the KL of the two Gaussian "
+        "steps: larger by 1 / (sigma - sigma_next) with sde_type: sde; the same with cps).",
+        "flow_grpo",
+    )
+
+
+#: the keys of group-relative advantages and the KL weight, declared by Flow-GRPO and read by DiffusionNFT too
+ADVANTAGE_KEYS = ("kl_beta", "adv_clip_max", "global_std")
 
 
 class FlowGRPO(Objective):
@@ -37,10 +85,8 @@ class FlowGRPO(Objective):
         "steps, driven by group-relative advantages, with a KL term (`kl_beta`) to the base model."
     )
     card_keys = ("kl_beta", "kl_type", "clip_range", "noise_level", "sde_type", "sde_window_size")
-    config_keys = (
-        "noise_level", "sde_type", "sde_window_size", "sde_window_range", "global_std", "adv_clip_max",
-        "clip_range", "kl_beta", "kl_type",
-    )  # fmt: skip
+    key_block = FlowGRPOKeys
+    config_keys = key_names(FlowGRPOKeys)
     progress_keys = ("kl",)
     key_defaults = {"kl_beta": 0.04}  # Flow-GRPO's SD3.5 configs, on its KL scale (kl_type: flow_grpo)
     scores_sampled_field = True

@@ -10,6 +10,7 @@ Each piece follows the authors' public code (NVlabs/DiffusionNFT, ``scripts/trai
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -17,9 +18,40 @@ import torch
 from .. import streams
 from ..errors import ConfigError
 from ..flow import interpolate, per_sample_noise, sample_generator
+from ..keys import key_field, key_names
 from ..loss import NFT_LOSS_SPACES, diffusion_nft_loss, group_advantages, optimality_probability
 from ..sampling import VelocityField, integrate
 from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
+from .flow_grpo import ADVANTAGE_KEYS
+
+
+@dataclass
+class NFTKeys:
+    """DiffusionNFT's own run-config keys (objective: diffusion_nft); it shares kl_beta, adv_clip_max, global_std."""
+
+    nft_beta: float = key_field(
+        "beta: the implicit policies v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta "
+        "(v_old: the sampler's velocity); smaller keeps each update closer to the sampler (a trust region).",
+        1.0,
+    )
+    nft_loss_space: str = key_field(
+        "'x0' (the authors' code: ||x0_hat - x0||^2 of each implicit policy over its own sg(mean |x0_hat - x0|)) or "
+        "'velocity' (the paper's ||v_implicit - (eps - x0)||^2, unnormalised).",
+        "x0",
+    )
+    nft_timestep_fraction: float = key_field(
+        "Trained timesteps per sample and round: int(num_sampling_steps * fraction) (at least 1) of the rollout's "
+        "grid, in a random order per sample, each with fresh noise (a forward-backward each).",
+        0.99,
+    )
+    sampler_decay_rate: float = key_field(
+        "After each round the sampler (the old policy) moves towards the trained one: sampler <- eta sampler + "
+        "(1 - eta) trained, eta = min(sampler_decay_rate * (steps - sampler_decay_start), sampler_decay_max) over "
+        "the optimizer steps done (0 before sampler_decay_start). 0: a hard copy every round.",
+        0.001,
+    )
+    sampler_decay_max: float = key_field("The largest eta of the sampler's soft update, in [0, 1).", 0.5)
+    sampler_decay_start: int = key_field("Optimizer steps before the sampler's soft update keeps any of the old.", 0)
 
 
 class DiffusionNFT(Objective):
@@ -34,10 +66,8 @@ class DiffusionNFT(Objective):
         "the trained weights by a soft update."
     )
     card_keys = ("nft_beta", "kl_beta", "adv_clip_max", "nft_timestep_fraction", "sampler_decay_rate", "sampler_decay_max")
-    config_keys = (
-        "nft_beta", "nft_loss_space", "nft_timestep_fraction", "sampler_decay_rate", "sampler_decay_max",
-        "sampler_decay_start", "kl_beta", "adv_clip_max", "global_std",
-    )  # fmt: skip
+    key_block = NFTKeys
+    config_keys = (*key_names(NFTKeys), *ADVANTAGE_KEYS)
     progress_keys = ("kl",)
     # config/base.py: train.beta = 1e-4 (the KL weight; their config.beta = 1 is our nft_beta)
     key_defaults = {"kl_beta": 1e-4}

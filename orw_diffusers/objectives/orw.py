@@ -4,7 +4,8 @@ with a W2 bound to the adapter-free reference. The math is in ``loss.py`` and ``
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -12,12 +13,47 @@ from .. import streams
 from ..control import adapt_coefficient
 from ..errors import ConfigError
 from ..flow import interpolate, per_sample_noise, sample_sigmas, target_velocity
+from ..keys import key_field, key_names
 from ..loss import effective_sample_size, orw_cfm_w2_loss, reward_weights
 from ..sampling import VelocityField, integrate
 from .base import Fields, MicroBatch, Objective, RolloutRecord, Signal, StepLoss
 
 WEIGHT_NORMALIZATIONS = ("batch", "per_prompt", "none", "uniform")
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass
+class ORWKeys:
+    """ORW-CFM-W2's run-config keys (objective: orw_cfm_w2), the W2 budget's included."""
+
+    w2_coefficient: float = key_field("alpha: weight of the W2 term mean((v_ft - v_ref)^2). 0 = unregularised.", 1.0)
+    temperature: float = key_field("tau: reward weights are exp(temperature * reward), normalised.", 0.5)
+    weight_normalization: str = key_field(
+        "'batch' (mean 1 over the global batch), 'per_prompt' (mean 1 per prompt group), "
+        "'none' (raw exp(temperature * r)), 'uniform' (all 1: reward-free control).",
+        "batch",
+    )
+    log_w2_distance: bool = key_field(
+        "Run the reference pass even when w2_coefficient is 0, so w2_loss (the W2 bound) is measured.", False
+    )
+    sigma_sampling: str = key_field(
+        "Training sigma distribution: 'uniform' (the paper) or 'logit_normal'. diffusers' weighting_scheme is "
+        "read as this key ('none' = uniform, 'logit_normal').",
+        "uniform",
+    )
+    logit_mean: float = key_field("Mean of the logit-normal sigma distribution.", 0.0)
+    logit_std: float = key_field("Std of the logit-normal sigma distribution.", 1.0)
+    w2_target: Optional[float] = key_field(
+        "A W2 budget: each round alpha is multiplied by exp(w2_adapt_rate * clip(log(w2_loss / w2_target), -1, 1)) "
+        "(PPO's adaptive KL, for W2), so that the measured w2_loss tracks this value; w2_coefficient is the starting "
+        "alpha. null: alpha stays w2_coefficient.",
+        None,
+    )
+    w2_coefficient_min: float = key_field("With w2_target: the smallest alpha the controller may set (> 0).", 1.0e-4)
+    w2_coefficient_max: float = key_field("With w2_target: the largest alpha the controller may set.", 100.0)
+    w2_adapt_rate: float = key_field(
+        "With w2_target: the controller's step; alpha changes by at most a factor exp(w2_adapt_rate) per round.", 0.1
+    )
 
 
 class ORWCFMW2(Objective):
@@ -32,11 +68,8 @@ class ORWCFMW2(Objective):
     )
     card_keys = ("w2_coefficient", "temperature", "weight_normalization")
     card_labels = {"w2_coefficient": "`w2_coefficient` (alpha)", "temperature": "`temperature` (tau)"}
-    config_keys = (
-        "w2_coefficient", "temperature", "weight_normalization", "log_w2_distance",
-        "sigma_sampling", "logit_mean", "logit_std",
-        "w2_target", "w2_coefficient_min", "w2_coefficient_max", "w2_adapt_rate",
-    )  # fmt: skip
+    key_block = ORWKeys
+    config_keys = key_names(ORWKeys)
     progress_keys = ("w2_loss",)
 
     @classmethod

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
+from ..keys import check_choice, key_field
 from ..models.base import FlowModel
 from .base import Policy
 from .full import FullPolicy
-from .lora import LoRAPolicy
+from .lora import LoRAKeys, LoRAPolicy, validate_lora_keys
+
+
+@dataclass
+class PolicyKeys:
+    """How the trained weights, the sampler and the reference are held."""
+
+    policy: Optional[str] = key_field(
+        "'lora' (two adapters; reference = adapters off) or 'full' (every weight trained; a frozen reference copy "
+        "and a sampler copy). Default: the model's (pipelines: lora; plain velocity models: full).",
+        None,
+    )
 
 
 def _lora(cfg: Any, model: FlowModel) -> Policy:
@@ -25,6 +38,13 @@ def _full(cfg: Any, model: FlowModel) -> Policy:
 POLICIES: dict[str, Callable[[Any, FlowModel], Policy]] = {"lora": _lora, "full": _full}
 
 
+def validate_policy(cfg: Any) -> None:
+    """The ``policy`` key and the LoRA keys (checked whichever the policy: a pipeline defaults to LoRA)."""
+    validate_lora_keys(cfg)
+    if cfg.policy is not None:
+        check_choice("policy", cfg.policy, tuple(POLICIES))
+
+
 def build_policy(cfg: Any, model: FlowModel) -> Policy:
     """The run's policy: ``cfg.policy``, else the model's default (pipelines: LoRA; plain velocity models: full)."""
     name = getattr(cfg, "policy", None) or model.default_policy
@@ -33,4 +53,6 @@ def build_policy(cfg: Any, model: FlowModel) -> Policy:
     return POLICIES[name](cfg, model)
 
 
-__all__ = ["Policy", "LoRAPolicy", "FullPolicy", "POLICIES", "build_policy"]
+__all__ = [
+    "Policy", "LoRAPolicy", "FullPolicy", "POLICIES", "PolicyKeys", "LoRAKeys", "build_policy", "validate_policy",
+]  # fmt: skip

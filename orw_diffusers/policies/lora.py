@@ -9,14 +9,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 
 from .. import lora
 from ..checkpoint import SAMPLER_SUBDIR
+from ..errors import ConfigError
+from ..keys import check_positive, key_field
 from ..models.base import FlowModel
 from .base import Policy
+
+
+@dataclass
+class LoRAKeys:
+    """The run-config keys of the LoRA policy."""
+
+    rank: int = key_field("LoRA rank (policy lora).", 32)
+    lora_alpha: Optional[float] = key_field("LoRA alpha (scale = lora_alpha / rank). Default: equal to rank.", None)
+    lora_target_modules: Optional[list[str]] = key_field(
+        "Module names to adapt (diffusers' lora_layers: one comma-separated string). Default: the family's "
+        "attention projections.",
+        None,
+    )
+    lora_dropout: float = key_field("Dropout probability of the trained LoRA layers (peft's lora_dropout).", 0.0)
+
+
+def validate_lora_keys(cfg: Any) -> None:
+    check_positive(cfg, "rank")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha: {cfg.lora_alpha!r} must be > 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout: {cfg.lora_dropout!r} must be in [0, 1)")
 
 
 class LoRAPolicy(Policy):

@@ -28,9 +28,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..dtypes import named_dtype
+from ..dtypes import DTYPE_NAMES, named_dtype
 from .common import RewardError, clear_model_cache
 from ..errors import ConfigError
+from ..keys import check_choice, check_positive, key_field
 from ..user_code import resolve_callable
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "GPUMemory",
     "RewardError",
     "RewardFn",
+    "RewardKeys",
     "RewardOutput",
     "RewardSpec",
     "build_reward",
@@ -49,9 +51,31 @@ __all__ = [
     "register_reward",
     "resolve_custom",
     "reward_gpu_memory",
+    "validate_reward_keys",
 ]
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+@dataclass
+class RewardKeys:
+    """The run-config keys of the training reward."""
+
+    reward: Any = key_field(
+        "A reward name, {name: weight, ...}, or a list of {name, weight, kwargs}. "
+        "Names: the registry's or 'module:function' / 'file.py:function'.",
+        "clip_score",
+    )
+    reward_device: Optional[str] = key_field("Device of the reward models. Default: the training device.", None)
+    reward_dtype: str = key_field("dtype of the reward models: 'float32', 'float16' or 'bfloat16'.", "float32")
+    reward_batch_size: int = key_field("Images scored per reward-model forward pass.", 32)
+
+
+def validate_reward_keys(cfg: Any) -> None:
+    """``reward``'s names and weights (no model loads), ``reward_dtype`` and ``reward_batch_size``."""
+    check_positive(cfg, "reward_batch_size")
+    check_choice("reward_dtype", cfg.reward_dtype, DTYPE_NAMES)
+    parse_reward_spec(cfg.reward)
 
 
 _PLACEMENT = ("device", "dtype", "batch_size")
