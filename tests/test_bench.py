@@ -12,12 +12,11 @@ from conftest import REPO
 sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root, run as ``python -m bench.x``
 
 IN_PROCESS = [
-    "w2_overhead",
-    "round_efficiency",
-    "sampler_vs_diffusers",
-    "planner_validation",
-    "digits_pixel_sweep",
-    "digits_pixel_cfg",
+    ("w2_overhead",),
+    ("round_efficiency",),
+    ("sampler_vs_diffusers",),
+    ("planner_validation",),
+    ("digits_pixel_sweep",),
 ]
 
 
@@ -41,10 +40,22 @@ def _run(name: str, tmp_path, *extra: str) -> dict:
     return section
 
 
-@pytest.mark.parametrize("name", IN_PROCESS)
-def test_benchmark_runs(name, tmp_path):
-    section = _run(name, tmp_path)
+@pytest.mark.parametrize("name_and_options", IN_PROCESS, ids=" ".join)
+def test_benchmark_runs(name_and_options, tmp_path):
+    section = _run(*name_and_options[:1], tmp_path, *name_and_options[1:])
     assert section["results"]
+
+
+def test_pixel_sweep_cfg_measures_the_sampled_field(tmp_path):
+    """--cfg: three arms per alpha on the class-conditional base, each with the sampled-field gap, in its section."""
+    section = _run("digits_pixel_sweep", tmp_path, "--cfg", "--work_dir", str(tmp_path / "work"))
+    assert [row[0] for row in section["table"][1:]] == ["base, guidance 1", "base, guidance 2", "guidance 1, alpha = 0",
+                                                       "guidance 2, guided loss, alpha = 0",
+                                                       "guidance 2, conditional loss, alpha = 0"]  # fmt: skip
+    assert "sampled-field gap" in section["table"][0]
+    text = (tmp_path / "work" / "results.md").read_text()
+    reproduce = next(line for line in text.splitlines() if line.startswith("Reproduce: "))
+    assert "## The class-conditional pixel base" in text and "bench.digits_pixel_sweep" in reproduce and "--cfg" in reproduce
 
 
 def test_two_processes_report_without_launching(monkeypatch):
