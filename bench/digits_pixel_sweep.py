@@ -6,21 +6,13 @@
         --eval_reward digit_judge_even            # a W2 budget per target, and the held-out judge's alarm
     python -m bench.digits_pixel_sweep --cfg      # the class-conditional base at guidance 1 and 2
 
-Each run is the authors' API on our loop: ``ORWCFMTrainer`` on a fresh copy of the pixel base
-(``digits.pixel.ensure_pixel_base``, unconditional), reward ``pixel_digit_reward(base, (0, 2, 4, 6, 8))``
-(P(even) under the base's CNN), ``log_w2_distance: true`` so that ``w2_loss`` is measured at alpha 0 too.
-Then 1000 samples of the fine-tuned weights (``checkpoint_dict()['net_model']``) are judged by
-``digits.evaluate_images``, an SVC the fine-tuning never sees. The control trains with uniform weights
-(``weight_normalization: uniform``, alpha 0): what the loop does without the reward.
-
-``--cfg``: the class-conditional base (``ensure_pixel_base(conditional=True)``) prompted with ``GENERIC_LABEL``,
-at guidance 1 and ``--guidance`` (``null_class: NULL_LABEL``), the loss on the guided velocity the sampler
-integrates (``cfg_training: guided``) or on the conditional branch alone; samples at the run's guidance, and the
-*sampled-field gap*: the mean squared difference of the tuned and base guided velocities on the run's samples.
-
-Each mode writes its section of docs/results.md (between its markers, appended if absent) and one grid of 64
-samples per run group into docs/images/: the sweep; with ``--w2_target`` or ``--eval_reward``, "Staying close on
-the pixel base"; with ``--cfg``, the class-conditional base.
+Each run is ``ORWCFMTrainer`` (the authors' API on our loop) on a fresh copy of the pixel base, reward P(even)
+under the base's CNN, ``log_w2_distance: true``; then 1000 samples of the fine-tuned weights judged by the SVC of
+``digits.evaluate_images``, which the fine-tuning never sees. The control trains with uniform weights. ``--cfg``:
+the class-conditional base prompted with the generic label, the loss on the guided or the conditional velocity,
+and the *sampled-field gap* (tuned vs base guided velocity on the run's samples). Each mode writes its section of
+docs/results.md (the sweep; "Staying close" with ``--w2_target``/``--eval_reward``; the class-conditional base)
+and grids of 64 samples per run group into docs/images/.
 """
 
 from __future__ import annotations
@@ -143,11 +135,6 @@ def trainer_config(spec: RunSpec, hyper: Hyper, out_dir: str) -> dict[str, Any]:
     return {**config, **spec.overrides}
 
 
-# ------------------------------------------------------------------------------------------------
-# One run: fine-tune through ORWCFMTrainer, then sample and judge.
-# ------------------------------------------------------------------------------------------------
-
-
 def fine_tune(config: dict[str, Any], base: str, reward_fn: Any, hyper: Hyper) -> tuple[Any, float]:
     """``ORWCFMTrainer`` on a fresh copy of the base -> (the fine-tuned model, wall seconds of ``train()``)."""
     from orw_diffusers.cfm import ORWCFMTrainer
@@ -240,11 +227,6 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: s
                              summary_line)  # fmt: skip
     order = [spec.name for spec in runs]
     return sorted(results, key=lambda r: order.index(r["spec"]["name"]))
-
-
-# ------------------------------------------------------------------------------------------------
-# The report
-# ------------------------------------------------------------------------------------------------
 
 
 def even(report: dict) -> tuple[float, float]:
@@ -379,7 +361,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also one run per seed for each W2 budget (alpha set by the controller)")
     parser.add_argument("--w2_start", type=float, default=0.1, help="the starting alpha of the --w2_target runs")
     parser.add_argument("--cfg", action="store_true", help="the class-conditional base at guidance 1 and --guidance")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="--cfg: the guided arms' guidance (> 1)")
     for name, value in asdict(defaults).items():
         kind = true_or_false if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, help=f"every run's {name} (default {value})")
@@ -398,8 +379,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_job_file(args.one, run_one)
     if args.reward not in REWARDS:
         parser.error(f"--reward {args.reward!r} is not one of {', '.join(REWARDS)}")
-    if args.guidance <= 1:
-        parser.error(f"--guidance: {args.guidance:g} must be > 1 (guidance 1 is always run)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -425,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     command = ("python -m bench.digits_pixel_sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.cfg:
-        runs = plan_cfg_runs(alphas, args.seeds, args.guidance)
+        runs = plan_cfg_runs(alphas, args.seeds)
     else:
         runs = plan_runs(alphas, args.seeds, not args.no_control, args.w2_target, args.w2_start)
     print(f"{len(runs)} runs, {args.jobs} at a time, in {work}", flush=True)
@@ -435,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         (f"base, guidance {g:g}" if args.cfg else "base (no fine-tuning)"): sample_pixel_digits(
             model, args.num_eval, seed=args.eval_seed, num_steps=hyper.num_sampling_steps,
             **({"label": GENERIC_LABEL, "guidance_scale": g} if args.cfg else {}))
-        for g in ((1.0, args.guidance) if args.cfg else (1.0,))
+        for g in ((1.0, GUIDANCE) if args.cfg else (1.0,))
     }  # fmt: skip
     base_reports = {name: evaluate_images(to_judge_images(images)) for name, images in base_images.items()}
     with open(os.path.join(work, "sweep_results.json"), "w") as f:

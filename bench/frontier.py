@@ -7,24 +7,19 @@ knob, on the SD3 digits base (LoRA) and the pixel base (full fine-tuning), two t
     python -m bench.frontier --bases sd3 --targets even odd --seeds 0 --knob_index 1 --objectives flow_grpo \
         --set kl_type=exact --work_dir /tmp/cmp_exact      # a training setting changed for every run
 
-The runs are the existing runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
-config, 150 rounds of 32 samples) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set,
-its rounds of ``batch_size`` samples); so every objective spends the same reward queries on a base. Each run is
-judged by the SVC the training never sees. A run whose folder holds its result is not run again.
-
-Columns: P(target) and the entropy within the target classes (in units of ln k, k target classes) by the SVC;
-rel. conf. = the SVC's >= 90% share relative to real digits; W2 = mean ||v_theta - v_ref||^2 over the last 20
-rounds, the one estimator each objective logs (``bench.sweep.DISTANCE_KEYS``: ORW's ``w2_loss`` and DiffusionNFT's
-``kl`` at forward-path states, Flow-GRPO's ``velocity_gap`` at its SDE trajectory's states); queries = reward
-queries until a round's mean *training* reward (the CNN) first reaches ``--level``; passes / round = forward calls
-of the transformer (or pixel MLP) per round while training, each over one batch (CFG's two branches are one call;
-backward passes are not counted).
+The runs are the studies' runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
+config) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set), so every objective spends the
+same reward queries on a base; each is judged by the SVC the training never sees. A run whose folder holds its
+result is not run again. The columns are described in docs/results.md ("The reward-distance frontier"); W2 is the
+estimator each objective logs (``bench.sweep.DISTANCE_KEYS``), passes / round counts the transformer's (or pixel
+MLP's) forward calls per round while training (CFG's two branches are one call; backward passes are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -60,26 +55,24 @@ BEGIN, END = "<!-- frontier: begin (written by python -m bench.frontier --docs) 
 def plan(args: argparse.Namespace, bases: dict[str, str], work: str, extra: dict, hyper: Any) -> list[dict]:
     """One job file per base x target x objective x knob value x seed (``args.knob_index``: those values only)."""
     jobs = []
-    for kind in args.bases:
-        for target in args.targets:
-            for objective in args.objectives:
-                knob, values = KNOBS[objective]
-                for value in values if args.knob_index is None else [values[i] for i in args.knob_index]:
-                    for seed in args.seeds:
-                        name, group = f"{kind}-{target}-{objective}-{knob}{value:g}-s{seed}", f"{knob} = {value:g}"
-                        orw, keys = objective == "orw_cfm_w2", {} if objective == "orw_cfm_w2" else {knob: value}
-                        if kind == "sd3":
-                            spec = sd3.RunSpec(name, group, value if orw else 0.0, seed, target=target,
-                                               overrides=keys, objective=objective)  # fmt: skip
-                            job = sd3.job_for(spec, args, bases[kind], work, extra)
-                        else:
-                            spec = pixel.RunSpec(name, group, value if orw else 0.0, seed, objective=objective,
-                                                 classes=tuple(sd3.TARGET_DIGITS[target]),
-                                                 overrides={**PIXEL_KEYS.get(objective, {}), **keys, **args.overrides})  # fmt: skip
-                            job = pixel.job_for(spec, argparse.Namespace(**{**vars(args), "num_eval": args.pixel_eval}),
-                                                hyper, bases[kind], work)  # fmt: skip
-                        jobs.append({**job, "frontier": {"base": kind, "target": target, "objective": objective,
-                                                         "knob": knob, "value": value}})  # fmt: skip
+    for kind, target, objective in itertools.product(args.bases, args.targets, args.objectives):
+        knob, values = KNOBS[objective]
+        for value, seed in itertools.product(values if args.knob_index is None else [values[i] for i in args.knob_index],
+                                             args.seeds):  # fmt: skip
+            name, group = f"{kind}-{target}-{objective}-{knob}{value:g}-s{seed}", f"{knob} = {value:g}"
+            orw, keys = objective == "orw_cfm_w2", {} if objective == "orw_cfm_w2" else {knob: value}
+            if kind == "sd3":
+                spec = sd3.RunSpec(name, group, value if orw else 0.0, seed, target=target, overrides=keys,
+                                   objective=objective)  # fmt: skip
+                job = sd3.job_for(spec, args, bases[kind], work, extra)
+            else:
+                spec = pixel.RunSpec(name, group, value if orw else 0.0, seed, objective=objective,
+                                     classes=tuple(sd3.TARGET_DIGITS[target]),
+                                     overrides={**PIXEL_KEYS.get(objective, {}), **keys, **args.overrides})  # fmt: skip
+                job = pixel.job_for(spec, argparse.Namespace(**{**vars(args), "num_eval": args.pixel_eval}), hyper,
+                                    bases[kind], work)  # fmt: skip
+            jobs.append({**job, "frontier": {"base": kind, "target": target, "objective": objective, "knob": knob,
+                                             "value": value}})  # fmt: skip
     return jobs
 
 
