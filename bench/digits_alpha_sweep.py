@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from bench import REPO, markdown_table
-from bench.sweep import (alpha_checks, alpha_means, by_group, field_distance, finish_run, histogram_text, mini_digits_base,
-                         parse_overrides, run_child_jobs, run_job_file, target_stats, write_group_grids,
+from bench.sweep import (alpha_checks, alpha_means, by_group, field_distance, finish_run, histogram_text,
+                         mini_digits_base, parse_overrides, run_child_jobs, run_job_file, study_parser, target_stats,
+                         write_group_grids,
                          write_section)  # fmt: skip
 
 #: each objective's digits config
@@ -167,24 +168,15 @@ def section(results: list[dict], base_report: dict, grids: dict[str, str], comma
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.digits_alpha_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="mini base in a temp cache, 2 rounds, 16 eval samples")
+    parser = study_parser("digits_alpha_sweep", __doc__, "the mini base, 2 rounds, 16 eval samples", [0, 1, 2], 500,
+                          "sampling_solver=heun")  # fmt: skip
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--control_seeds", type=int, nargs="+", default=[0], help="seeds of the control and the odd run")
     parser.add_argument("--num_epochs", type=int, default=None, help="rounds per run (default: the config's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training override for every run, e.g. --set sampling_solver=heun (repeatable)")
-    parser.add_argument("--num_eval", type=int, default=500)
-    parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--eval_steps", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
     parser.add_argument("--base", default=None, help="the digits base to fine-tune (default: the cached one; "
                         "with --quick: a mini base built in the work dir)")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"), help="grids go to img/ beside it")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
     overrides = parse_overrides(parser, args.set, PER_RUN_KEYS)
     if args.one:

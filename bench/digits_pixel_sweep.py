@@ -30,8 +30,9 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from bench import REPO, markdown_table
-from bench.sweep import (alpha_checks, alpha_means, by_group, check, field_distance, finish_run, histogram_text, mean_spread, run_child_jobs,
-                         run_job_file, target_stats, write_group_grids, write_section)  # fmt: skip
+from bench.sweep import (alpha_checks, alpha_means, by_group, check, field_distance, finish_run, histogram_text,
+                         mean_spread, run_child_jobs, run_job_file, study_parser, target_stats, write_group_grids,
+                         write_section)  # fmt: skip
 
 EVEN = (0, 2, 4, 6, 8)
 REWARDS = ("cnn", "robust_cnn")  # the training reward: P(even) under the base's CNN or the robust one
@@ -351,29 +352,22 @@ def true_or_false(text: str) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     defaults = Hyper()
-    parser = argparse.ArgumentParser(prog="python -m bench.digits_pixel_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="mini base in a temp dir, 2 rounds, 16 eval samples")
+    parser = study_parser("digits_pixel_sweep", __doc__, "the mini base, 2 rounds, 16 eval samples; --jobs 1: in this process",
+                          [0, 1], 1000)  # fmt: skip
     parser.add_argument("--alphas", type=float, nargs="+", default=None,
                         help="default: 0 0.05 0.1 0.2 0.5 (with --cfg: 0 0.1)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--no_control", action="store_true", help="skip the reward-free control")
     parser.add_argument("--w2_target", type=float, nargs="+", default=[],
                         help="also one run per seed for each W2 budget (alpha set by the controller)")
     parser.add_argument("--w2_start", type=float, default=0.1, help="the starting alpha of the --w2_target runs")
-    parser.add_argument("--cfg", action="store_true", help="the class-conditional base at guidance 1 and --guidance")
+    parser.add_argument("--cfg", action="store_true", help="the class-conditional base at guidance 1 and 2")
     for name, value in asdict(defaults).items():
         kind = true_or_false if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, help=f"every run's {name} (default {value})")
-    parser.add_argument("--num_eval", type=int, default=1000)
-    parser.add_argument("--eval_seed", type=int, default=1234)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (1: in this process)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
     parser.add_argument("--base", default=None, help="the pixel base (default: the cached one, built if missing)")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
     parser.add_argument("--img_dir", default=None, help="default: images/ next to --output")
     parser.add_argument("--json", default=None, help="also write the table and headline results as JSON here")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
     if args.one:
         return run_job_file(args.one, run_one)

@@ -31,7 +31,7 @@ from bench import REPO, markdown_table
 from bench import digits_alpha_sweep as sd3
 from bench import digits_pixel_sweep as pixel
 from bench.sweep import (finished_result, mean_spread, mini_digits_base, parse_overrides, run_child_jobs, run_job_file,
-                         target_stats, write_section)  # fmt: skip
+                         study_parser, target_stats, write_section)  # fmt: skip
 
 #: each objective's distance knob and its values. DiffusionNFT: kl_beta, its only term tied to the base; the
 #: paper's beta (our nft_beta) and the soft-update rate (sampler_decay_*) are trust regions around the old
@@ -202,32 +202,24 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.frontier", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="mini bases, 2 rounds, 1 seed, 1 knob value")
+    parser = study_parser("frontier", __doc__, "mini bases, 2 rounds, 1 seed, 1 knob value", [0, 1, 2], 500,
+                          "kl_type=exact")  # fmt: skip
     parser.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
     parser.add_argument("--targets", nargs="+", choices=tuple(sd3.TARGET_DIGITS), default=list(TARGETS))
     parser.add_argument("--objectives", nargs="+", choices=tuple(KNOBS), default=list(KNOBS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--knob_index", type=int, nargs="+", choices=(0, 1, 2), default=None,
                         help="only these values of each knob (0: the lowest)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training override for every run, e.g. --set kl_type=exact (repeatable)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: SD3 150, pixel 1000)")
     parser.add_argument("--level", type=float, default=0.9, help="training reward level of the queries column")
-    parser.add_argument("--num_eval", type=int, default=500, help="evaluation samples per SD3 run")
     parser.add_argument("--pixel_eval", type=int, default=1000, help="evaluation samples per pixel run")
-    parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--eval_steps", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir); rerun to resume")
     parser.add_argument("--report_only", action="store_true", help="the table and plots of the finished runs only")
     parser.add_argument("--docs", action="store_true", help="PNGs into docs/img and a section of docs/results.md")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
     if args.one:
         return run_job_file(args.one, run_one)
-    args.overrides = parse_overrides(parser, args.set, (*sd3.PER_RUN_KEYS, *{knob for knob, _ in KNOBS.values()}))
+    args.overrides = parse_overrides(parser, args.set, (*sd3.PER_RUN_KEYS, *{knob for knob, _ in KNOBS.values()}),
+                                     args.objectives)
 
     from orw_diffusers import digits
     from orw_diffusers.digits.pixel import PIXEL_BASE_NAME, PixelBuildSettings, build_pixel_base, ensure_pixel_base

@@ -89,9 +89,30 @@ def run_child_jobs(jobs: list[dict], module: str, max_jobs: int, env: dict[str, 
     return results
 
 
-def parse_overrides(parser: argparse.ArgumentParser, items: list[str], per_run: Sequence[str] = ()) -> dict[str, Any]:
+def study_parser(module: str, doc: str, quick: str, seeds: list[int], num_eval: int, set_help: str = "",
+                 ) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every digits study takes: --quick (``quick``: what it runs), --seeds, the evaluation, the processes,
+    the run folders, and --set (``set_help``: an example; "": none)."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"plumbing only: {quick}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--num_eval", type=int, default=num_eval, help="evaluation samples per run")
+    parser.add_argument("--eval_seed", type=int, default=1234)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
+    if set_help:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"a training override for every run, e.g. --set {set_help} (repeatable)")
+    return parser
+
+
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str], per_run: Sequence[str] = (),
+                    objectives: Sequence[str] = ("orw_cfm_w2",)) -> dict[str, Any]:  # fmt: skip
     """``--set KEY=VALUE`` items -> {key: YAML value}, checked as the training script would check them (unknown
-    keys, wrong types; ``per_run``: keys the study sets for each run) with an argparse error (exit 2)."""
+    keys, wrong types, keys of another objective than each of ``objectives``; ``per_run``: keys the study sets for each
+    run) with an argparse error (exit 2)."""
     import yaml
 
     from orw_diffusers.config import from_dict
@@ -103,10 +124,11 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str], per_run: 
         if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE with KEY a training config key")
         if key in per_run:
-            parser.error(f"--set {item!r}: the study sets {key} for each run ({', '.join(per_run)})")
+            parser.error(f"--set {item!r}: the study sets {key} for each run ({', '.join(dict.fromkeys(per_run))})")
         overrides[key] = yaml.safe_load(value)
     try:
-        from_dict(overrides)
+        for objective in objectives:
+            from_dict({**overrides, "objective": objective})
     except ConfigError as e:
         parser.error(f"--set: {e}")
     return overrides
