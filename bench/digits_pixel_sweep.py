@@ -186,21 +186,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     images = sample_pixel_digits(tuned, job["num_eval"], seed=job["eval_seed"], num_steps=hyper.num_sampling_steps,
                                  **label)  # fmt: skip
     rows = read_metrics(out_dir)
-    last = rows[-20:]
+    # reward: the CNN's P(classes) on the evaluation samples; eval_final: the held-out judges' means over the last
+    # rounds; alarm_round: the first round the reward-hacking alarm held (None: never)
     result = {
-        "spec": asdict(spec),
-        "report": evaluate_images(to_judge_images(images)),
-        "reward": reward_fn(images).mean().item(),  # the CNN's P(classes) on the evaluation samples
-        "w2_final": field_distance(rows),
-        "alpha_final": rows[-1].get("w2_coefficient"),
-        # the held-out judges' means over the last rounds, and the first round the alarm held (None: never)
-        "eval_final": {k[len("eval/") : -len("_mean")]: statistics.fmean(r[k] for r in last)
-                       for k in rows[-1] if k.startswith("eval/")},  # fmt: skip
-        "alarm_round": next((r["epoch"] for r in rows if r.get("hacking_alarm")), None),
-        "rounds": len(rows),
-        "samples_seen": rows[-1]["samples_seen"],
-        "train_seconds": train_seconds,
-    }
+        "spec": asdict(spec), "report": evaluate_images(to_judge_images(images)), "reward": reward_fn(images).mean().item(),
+        "w2_final": field_distance(rows), "alpha_final": rows[-1].get("w2_coefficient"),
+        "eval_final": {k[len("eval/") : -len("_mean")]: statistics.fmean(r[k] for r in rows[-20:])
+                       for k in rows[-1] if k.startswith("eval/")},
+        "alarm_round": next((r["epoch"] for r in rows if r.get("hacking_alarm")), None), "rounds": len(rows),
+        "samples_seen": rows[-1]["samples_seen"], "train_seconds": train_seconds,
+    }  # fmt: skip
     if guidance is not None:
         result["field_gap"] = sampled_field_gap(tuned, load_pixel_model(base), images, guidance)
     return finish_run(out_dir, result, images[: GRID_SIDE**2])
