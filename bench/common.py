@@ -1,10 +1,6 @@
-"""Shared pieces of the timing benchmarks: the scaled-down SD3 pipeline, timing, child processes and the
-sections of docs/benchmarks.md. (The digits studies share ``bench/sweep.py``.)
-
-Run a benchmark from the repository root as ``python -m bench.<name> [--quick]``; ``python -m
-bench.run_all`` runs them all and writes ``docs/benchmarks.md``. Nothing here downloads anything.
-The benchmark reward lives in ``bench/reward.py``, which training processes load by path.
-"""
+"""Shared pieces of the timing benchmarks (docs/benchmarks.md, ``python -m bench.run_all``): the scaled-down SD3
+pipeline, timing, child processes and the sections. Nothing here downloads anything; the benchmark reward is
+``bench/reward.py``, which training processes load by path."""
 
 from __future__ import annotations
 
@@ -48,17 +44,14 @@ class ModelSpec:
     seed: int = 0
 
     @property
-    def hidden(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
     def resolution(self) -> int:
         return self.latent_size * 2 ** (len(self.vae_blocks) - 1)
 
     def describe(self) -> str:
-        return (f"SD3 transformer: {self.layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
-                f"16 x {self.latent_size}x{self.latent_size} latents (patch 2: {(self.latent_size // 2) ** 2} image "
-                f"tokens), {self.resolution} px; VAE blocks {list(self.vae_blocks)}; CLIP x2 hidden {self.text_hidden}")
+        return (f"SD3 transformer: {self.layers} layers, hidden {self.heads * self.head_dim} ({self.heads} heads x "
+                f"{self.head_dim}), 16 x {self.latent_size}x{self.latent_size} latents (patch 2: "
+                f"{(self.latent_size // 2) ** 2} image tokens), {self.resolution} px; VAE blocks {list(self.vae_blocks)}; "
+                f"CLIP x2 hidden {self.text_hidden}")  # fmt: skip
 
 
 BENCH = ModelSpec()
@@ -68,22 +61,19 @@ QUICK = ModelSpec(layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 
 def saved_pipeline(spec: ModelSpec) -> str:
     """``save_pretrained`` directory of a ``StableDiffusion3Pipeline`` without T5 built to ``spec`` by
     ``orw_diffusers.tiny``, built once per spec (under /tmp)."""
-    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(MODEL_CACHE, key)
+    path = os.path.join(MODEL_CACHE, hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12])
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         tmp = f"{path}.tmp{os.getpid()}"
         tiny.sd3_pipeline(
             words=WORDS, resolution=spec.resolution, vae_blocks=spec.vae_blocks, text_hidden=spec.text_hidden,
             model_max_length=spec.tokenizer_length, transformer_layers=spec.layers, attention_head_dim=spec.head_dim,
-            num_attention_heads=spec.heads, latent_channels=16, patch_size=2, joint_attention_dim=spec.hidden,
+            num_attention_heads=spec.heads, latent_channels=16, patch_size=2, joint_attention_dim=spec.heads * spec.head_dim,
             qk_norm="rms_norm", dual_attention_layers=tuple(i for i in spec.dual_attention_layers if i < spec.layers),
             vae_norm_groups=min(16, spec.vae_blocks[0]), seed=spec.seed,
         ).save_pretrained(tmp)  # fmt: skip
         os.makedirs(MODEL_CACHE, exist_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # another process saved it first
             os.rename(tmp, path)
-        except OSError:  # another process saved it first
-            pass
     return path
 
 
@@ -94,14 +84,12 @@ def prompts(n: int) -> list[str]:
 
 def run_config(model_path: str, output_dir: str, **overrides: Any) -> dict:
     """A run config for the benchmark model; the reward is ``bench/reward.py:conv_reward``."""
-    values = dict(
+    return dict(
         pretrained_model_name_or_path=model_path, output_dir=output_dir, load_t5=False, max_sequence_length=32,
         resolution=BENCH.resolution, prompts=prompts(4), images_per_prompt=2, sample_batch_size=4,
         train_batch_size=2, num_epochs=1, num_sampling_steps=8, guidance_scale=4.5, rank=16, learning_rate=1e-4,
         w2_coefficient=1.0, reward=f"{os.path.join(REPO, 'bench', 'reward.py')}:conv_reward", seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return values
+    ) | overrides  # fmt: skip
 
 
 def trainer_for(model_path: str, output_dir: str, **overrides: Any):
@@ -114,16 +102,15 @@ def trainer_for(model_path: str, output_dir: str, **overrides: Any):
 
 @dataclass
 class FixedRound:
-    """A trainer with one round of random latents and unit weights: ``optimise`` without sampling."""
+    """A trainer with one round of random latents (sampling is not what is measured) and unit weights."""
 
     trainer: Any  # Trainer
-    rollout: Any  # Rollout of random latents for this process's samples (sampling is not what is measured)
-    weights: torch.Tensor  # [n] ones
+    rollout: Any  # Rollout of this process's samples
 
     def optimise(self) -> dict[str, torch.Tensor]:
         from orw_diffusers.objectives import Signal
 
-        return self.trainer.optimise(self.rollout, Signal(self.weights), 0)
+        return self.trainer.optimise(self.rollout, Signal(torch.ones(len(self.rollout.indices))), 0)
 
 
 @contextlib.contextmanager
@@ -138,10 +125,35 @@ def fixed_round(spec: ModelSpec, num_prompts: int, batch: int = 2, **overrides: 
         indices, round_prompts = trainer.local_indices(), trainer.sample_prompts(0)
         n = len(indices)
         latents = torch.randn((n, *trainer.latent_shape), generator=torch.Generator().manual_seed(0))
-        rollout = Rollout(latents=latents.to(trainer.device, trainer.weight_dtype), extras={},
-                          prompts=[round_prompts[int(i)] for i in indices], indices=indices, rewards=torch.zeros(n),
-                          components={}, num_nonfinite=0, images=torch.zeros(0, 3, 1, 1))  # fmt: skip
-        yield FixedRound(trainer, rollout, torch.ones(n))
+        yield FixedRound(trainer, Rollout(latents=latents.to(trainer.device, trainer.weight_dtype), extras={},
+                                          prompts=[round_prompts[int(i)] for i in indices], indices=indices,
+                                          rewards=torch.zeros(n), components={}, num_nonfinite=0,
+                                          images=torch.zeros(0, 3, 1, 1)))  # fmt: skip
+
+
+def model_passes(trainer: Any, latents: torch.Tensor, batch_prompts: list[str], seed: int = 1) -> tuple[Callable, Callable]:
+    """One micro-batch's passes through the trained model, each to be timed alone: (training forward + backward,
+    reference forward with the adapters off and no grad). The reference returns the seconds of its forward only:
+    switching the adapters off and on is our code's cost, not the floor's."""
+    from orw_diffusers import lora
+    from orw_diffusers.flow import interpolate, target_velocity
+
+    family, g = trainer.family, torch.Generator().manual_seed(seed)
+    noise, sigmas = torch.randn(latents.shape, generator=g).to(latents.dtype), torch.rand(len(latents), generator=g)
+    x_t, v_target = interpolate(latents, noise, sigmas), target_velocity(latents, noise)
+    cond = family.prompt_cache.get(batch_prompts, trainer.device)
+
+    def forward_backward() -> None:
+        trainer.transformer.train()
+        ((family.predict_velocity(trainer.transformer, x_t, sigmas, cond).float() - v_target) ** 2).mean().backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def reference_forward() -> float:
+        with lora.reference(trainer.unwrapped), Stopwatch() as sw:
+            family.predict_velocity(trainer.unwrapped, x_t, sigmas, cond)
+        return sw.seconds
+
+    return forward_backward, reference_forward
 
 
 # --- timing ------------------------------------------------------------------------------------------------
@@ -156,44 +168,27 @@ def bench_spec(quick: bool) -> ModelSpec:
     return QUICK if quick else BENCH
 
 
-# The machine these benchmarks were written on is shared with other jobs, so by default they time CPU seconds
-# of this process (with one thread, the work done, not the waiting for a core). --clock wall gives wall time;
-# the two-process benchmark always uses wall time.
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
-CLOCK_NOTES = {
-    "cpu": "Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs "
-    "on the machine disturb less than wall time; --clock wall gives wall time.",
-    "wall": "Times are wall-clock seconds (--clock wall).",
-}
-_clock: list[str] = ["cpu"]
-
-
-def clock() -> float:
-    return CLOCKS[_clock[0]]()
+# The machine these benchmarks were written on is shared with other jobs, so they time CPU seconds of this process
+# (with one thread, the work done, not the waiting for a core); the two-process benchmark uses wall time.
+CLOCK_NOTE = ("Times are CPU seconds of the benchmark process (time.process_time; 1 thread), which other jobs on the "
+              "machine disturb less than wall time.")
 
 
 class Stopwatch:
-    """``with Stopwatch() as sw: ...`` then ``sw.seconds`` (on the benchmark clock)."""
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds`` (CPU seconds of this process)."""
 
     def __enter__(self) -> "Stopwatch":
-        self.start = clock()
+        self.start = time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.seconds = clock() - self.start
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds of ``fn()`` on the benchmark clock; a ``fn`` that returns a float has timed its own core
-    (e.g. a forward pass inside a context whose entry and exit are not the measured work)."""
-    with Stopwatch() as sw:
-        result = fn()
-    return result if isinstance(result, float) else sw.seconds
+        self.seconds = time.process_time() - self.start
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each variant per repetition. Variants run one after another within a repetition and the
-    order rotates between repetitions, so slow drifts of a shared machine hit all alike."""
+    """Seconds of each variant per repetition. Variants run one after another within a repetition and the order
+    rotates between repetitions, so slow drifts of a shared machine hit all alike. A variant that returns a float
+    has timed its own core (e.g. a forward pass inside a context whose entry and exit are not the measured work)."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
@@ -201,7 +196,9 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int =
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            times[name].append(timed(variants[name]))
+            with Stopwatch() as sw:
+                result = variants[name]()
+            times[name].append(result if isinstance(result, float) else sw.seconds)
     return times
 
 
@@ -233,9 +230,9 @@ MMAP_THRESHOLD = 4096
 
 
 def child_env(threads: int = 1, measure_memory: bool = False) -> dict[str, str]:
-    """Environment of a benchmark's child: ``threads`` threads, no Hub; ``measure_memory``: glibc returns
-    every freed block of 4 KiB and more to the OS at once, so RSS follows the live tensors instead of the
-    allocator's cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
+    """Environment of a benchmark's child: ``threads`` threads, no Hub; ``measure_memory``: glibc returns every
+    freed block of 4 KiB and more to the OS at once, so RSS follows the live tensors instead of the allocator's
+    cached free memory (its adaptive threshold would otherwise keep large freed blocks)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MALLOC_MMAP_THRESHOLD_")}
     env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     if measure_memory:
@@ -291,7 +288,7 @@ def load_note() -> str:
 
 def timing_notes() -> list[str]:
     """The last notes of a timing benchmark: which clock, and how loaded the machine was."""
-    return [CLOCK_NOTES[_clock[0]], load_note()]
+    return [CLOCK_NOTE, load_note()]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -299,15 +296,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model, 1 repetition: checks that it runs (tests)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5; 1 with --quick)")
     p.add_argument("--json", default=None, help="also write the section as JSON to this file")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: process CPU seconds; wall: wall time")
     return p
-
-
-def emit(section: Section, args: argparse.Namespace) -> None:
-    print(section.markdown())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(section), f, indent=1)
 
 
 def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Sequence[str]], default_reps: int,
@@ -315,6 +304,9 @@ def run_main(run: Callable[[bool, int], Section], doc: str, argv: Optional[Seque
     """A benchmark's ``main``: parse the common options (``p``: with the benchmark's own), ``run(quick, reps)``,
     print (and save) the section."""
     args = (p or parser(doc.splitlines()[0])).parse_args(argv)
-    _clock[0] = args.clock
-    emit(run(args.quick, args.reps or (1 if args.quick else default_reps)), args)
+    section = run(args.quick, args.reps or (1 if args.quick else default_reps))
+    print(section.markdown())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(section), f, indent=1)
     return 0

@@ -4,27 +4,23 @@ knob, on the SD3 digits base (LoRA) and the pixel base (full fine-tuning), two t
     python -m bench.frontier --work_dir /tmp/frontier            # the whole table (resumable: rerun to continue)
     python -m bench.frontier --quick                             # plumbing only: mini bases, 2 rounds, 1 seed
     python -m bench.frontier --bases sd3 --targets even --seeds 0 --knob_index 1 2 --work_dir /tmp/fr-slice
+    python -m bench.frontier --bases sd3 --targets even odd --seeds 0 --knob_index 1 --objectives flow_grpo \
+        --set kl_type=exact --work_dir /tmp/cmp_exact      # a training setting changed for every run
 
-The runs are the existing runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
-config, 150 rounds of 32 samples) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set,
-its rounds of ``batch_size`` samples); so every objective spends the same reward queries on a base. Each run is
-judged by the SVC the training never sees. A run whose folder holds its result is not run again.
-
-Columns: P(target) and the entropy within the target classes (in units of ln k, k target classes) by the SVC;
-rel. conf. = the SVC's >= 90% share relative to real digits; W2 = mean ||v_theta - v_ref||^2 over the last 20
-rounds, the one estimator each objective logs (``bench.sweep.DISTANCE_KEYS``: ORW's ``w2_loss`` and DiffusionNFT's
-``kl`` at forward-path states, Flow-GRPO's ``velocity_gap`` at its SDE trajectory's states); queries = reward
-queries until a round's mean *training* reward (the CNN) first reaches ``--level``; passes / round = forward calls
-of the transformer (or pixel MLP) per round while training, each over one batch (CFG's two branches are one call;
-backward passes are not counted).
+The runs are the studies' runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
+config) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set), so every objective spends the
+same reward queries on a base; each is judged by the SVC the training never sees. A run whose folder holds its
+result is not run again. The columns are described in docs/results.md ("The reward-distance frontier"); W2 is the
+estimator each objective logs (``bench.sweep.DISTANCE_KEYS``), passes / round counts the transformer's (or pixel
+MLP's) forward calls per round while training (CFG's two branches are one call; backward passes are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -34,8 +30,8 @@ from typing import Any, Optional
 from bench import REPO, markdown_table
 from bench import digits_alpha_sweep as sd3
 from bench import digits_pixel_sweep as pixel
-from bench.objective_comparison import first_reaching
-from bench.sweep import finished_result, mean_spread, mini_digits_base, run_child_jobs, run_job_file, update_results
+from bench.sweep import (finished_result, mean_spread, mini_digits_base, parse_overrides, run_child_jobs, run_job_file,
+                         study_parser, target_stats, write_section)  # fmt: skip
 
 #: each objective's distance knob and its values. DiffusionNFT: kl_beta, its only term tied to the base; the
 #: paper's beta (our nft_beta) and the soft-update rate (sampler_decay_*) are trust regions around the old
@@ -43,7 +39,7 @@ from bench.sweep import finished_result, mean_spread, mini_digits_base, run_chil
 #: not how far the run may drift from the base
 KNOBS = {"orw_cfm_w2": ("w2_coefficient", (0.03, 0.1, 0.3)), "flow_grpo": ("kl_beta", (0.004, 0.04, 0.4)),
          "diffusion_nft": ("kl_beta", (1e-4, 1e-2, 1.0))}  # fmt: skip
-TARGETS = ("even", "three")  # sd3.TARGET_DIGITS: even digits, and {1, 4, 7}
+TARGETS = ("even", "three")  # the default of sd3.TARGET_DIGITS: even digits, and {1, 4, 7}
 BASES = ("sd3", "pixel")
 #: seconds per round measured by this bench on 2 shared cores (SD3: 2 runs at a time, docs/results.md; pixel: 128
 #: samples a round, one run beside another; --rounds 20)
@@ -53,43 +49,30 @@ SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("
 #: trains as many of the grid's 20 timesteps per sample (int(20 * 0.2) = 4), so both spend 4 trained passes a sample
 PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}, "diffusion_nft": {"nft_timestep_fraction": 0.2}}
 MODEL_CLASSES = ("SD3Transformer2DModel", "PixelVelocityMLP")  # the transformer passes counted per round
-INTRO = (
-    "ORW-CFM-W2, Flow-GRPO and DiffusionNFT, each at values of its distance knob (`w2_coefficient`; `kl_beta`; "
-    "DiffusionNFT's `kl_beta`, its only term tied to the base), with the same reward queries per run on a base: "
-    "the SD3 digits base with each objective's `configs/digits_even*.yaml` (LoRA, 150 rounds of 32 samples) and the "
-    "pixel base through `ORWCFMTrainer` (full fine-tuning, 1000 rounds of 128). P(target), the entropy within the "
-    "target classes (in units of ln k) and rel. conf. are the SVC's, which the fine-tuning never sees; W2 = mean "
-    "`||v_theta - v_ref||^2` over the last 20 rounds (ORW's `w2_loss`, DiffusionNFT's `kl`, Flow-GRPO's "
-    "`velocity_gap`); queries = reward queries until a round's mean training reward (the CNN) first reaches "
-    "{level:g}; time = training wall seconds, two runs at a time on 2 shared cores; passes / round = forward "
-    "calls of the transformer per round (CFG's two branches are one call; backward passes not counted)."
-)
 BEGIN, END = "<!-- frontier: begin (written by python -m bench.frontier --docs) -->", "<!-- frontier: end -->"
 
 
 def plan(args: argparse.Namespace, bases: dict[str, str], work: str, extra: dict, hyper: Any) -> list[dict]:
     """One job file per base x target x objective x knob value x seed (``args.knob_index``: those values only)."""
     jobs = []
-    for kind in args.bases:
-        for target in args.targets:
-            for objective in args.objectives:
-                knob, values = KNOBS[objective]
-                for value in values if args.knob_index is None else [values[i] for i in args.knob_index]:
-                    for seed in args.seeds:
-                        name, group = f"{kind}-{target}-{objective}-{knob}{value:g}-s{seed}", f"{knob} = {value:g}"
-                        orw, keys = objective == "orw_cfm_w2", {} if objective == "orw_cfm_w2" else {knob: value}
-                        if kind == "sd3":
-                            spec = sd3.RunSpec(name, group, value if orw else 0.0, seed, target=target,
-                                               overrides=keys, objective=objective)  # fmt: skip
-                            job = sd3.job_for(spec, args, bases[kind], work, extra)
-                        else:
-                            spec = pixel.RunSpec(name, group, value if orw else 0.0, seed, objective=objective,
-                                                 classes=tuple(sd3.TARGET_DIGITS[target]),
-                                                 overrides={**PIXEL_KEYS.get(objective, {}), **keys})  # fmt: skip
-                            job = pixel.job_for(spec, argparse.Namespace(**{**vars(args), "num_eval": args.pixel_eval}),
-                                                hyper, bases[kind], work)  # fmt: skip
-                        jobs.append({**job, "frontier": {"base": kind, "target": target, "objective": objective,
-                                                         "knob": knob, "value": value}})  # fmt: skip
+    for kind, target, objective in itertools.product(args.bases, args.targets, args.objectives):
+        knob, values = KNOBS[objective]
+        for value, seed in itertools.product(values if args.knob_index is None else [values[i] for i in args.knob_index],
+                                             args.seeds):  # fmt: skip
+            name, group = f"{kind}-{target}-{objective}-{knob}{value:g}-s{seed}", f"{knob} = {value:g}"
+            orw, keys = objective == "orw_cfm_w2", {} if objective == "orw_cfm_w2" else {knob: value}
+            if kind == "sd3":
+                spec = sd3.RunSpec(name, group, value if orw else 0.0, seed, target=target, overrides=keys,
+                                   objective=objective)  # fmt: skip
+                job = sd3.job_for(spec, args, bases[kind], work, extra)
+            else:
+                spec = pixel.RunSpec(name, group, value if orw else 0.0, seed, objective=objective,
+                                     classes=tuple(sd3.TARGET_DIGITS[target]),
+                                     overrides={**PIXEL_KEYS.get(objective, {}), **keys, **args.overrides})  # fmt: skip
+                job = pixel.job_for(spec, argparse.Namespace(**{**vars(args), "num_eval": args.pixel_eval}), hyper,
+                                    bases[kind], work)  # fmt: skip
+            jobs.append({**job, "frontier": {"base": kind, "target": target, "objective": objective, "knob": knob,
+                                             "value": value}})  # fmt: skip
     return jobs
 
 
@@ -132,20 +115,18 @@ def run_one(job: dict[str, Any]) -> None:
         json.dump(result, f)
 
 
-def target_stats(result: dict) -> tuple[float, float]:
+def first_reaching(curve: list[float], level: float, per_round: int) -> Optional[int]:
+    """Reward queries until a round's mean reward first reaches ``level`` (None: never)."""
+    return next(((i + 1) * per_round for i, r in enumerate(curve) if r >= level), None)
+
+
+def stats(result: dict) -> tuple[float, float]:
     """(P(target), entropy within the target classes in units of ln(number of classes)), by the SVC."""
-    import torch
-
-    from orw_diffusers.digits import subset_entropy
-
-    classes = sd3.TARGET_DIGITS[result["frontier"]["target"]]
-    histogram = result["report"]["histogram"]
-    entropy = subset_entropy(torch.tensor(histogram), tuple(classes)) / math.log(len(classes))
-    return sum(histogram[d] for d in classes), entropy
+    return target_stats(result["report"], sd3.TARGET_DIGITS[result["frontier"]["target"]])
 
 
 def summary(result: dict) -> str:
-    p, h = target_stats(result)
+    p, h = stats(result)
     return f"P(target) {p:.3f}, entropy {h:.2f}, W2 {result['w2_final']:.4f}"
 
 
@@ -169,10 +150,10 @@ def table(groups: dict[tuple, list[dict]], level: float) -> list[list[str]]:
         if not rs:
             rows.append(head + ["not finished (failed: see its run.log)"] + [""] * 7)
             continue
-        stats = [target_stats(r) for r in rs]
+        points = [stats(r) for r in rs]
         reached = [first_reaching(r["reward_curve"], level, r["per_round"]) for r in rs]
         rows.append(head + [
-            mean_spread([s[0] for s in stats], 3), mean_spread([s[1] for s in stats], 2),
+            mean_spread([p[0] for p in points], 3), mean_spread([p[1] for p in points], 2),
             mean_spread([r["report"]["relative_confident_share"] for r in rs], 2), mean_spread([r["w2_final"] for r in rs], 4),
             ", ".join("never" if q is None else str(q) for q in reached), mean_spread([r["train_seconds"] for r in rs], 0),
             mean_spread([r["seconds_per_round"] for r in rs], 2), f"{statistics.fmean(r['passes_per_round'] for r in rs):.0f}",
@@ -200,7 +181,7 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
     for kind, target in dict.fromkeys((k[0], k[1]) for k in groups):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for objective in KNOBS:
-            points = sorted(([r["w2_final"] for r in rs], *zip(*map(target_stats, rs)))
+            points = sorted(([r["w2_final"] for r in rs], *zip(*map(stats, rs)))
                             for k, rs in groups.items() if k[:3] == (kind, target, objective) and rs)  # fmt: skip
             if not points:
                 continue
@@ -221,29 +202,24 @@ def plot(groups: dict[tuple, list[dict]], img_dir: str) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.frontier", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="mini bases, 2 rounds, 1 seed, 1 knob value")
+    parser = study_parser("frontier", __doc__, "mini bases, 2 rounds, 1 seed, 1 knob value", [0, 1, 2], 500,
+                          "kl_type=exact")  # fmt: skip
     parser.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
-    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", choices=tuple(sd3.TARGET_DIGITS), default=list(TARGETS))
     parser.add_argument("--objectives", nargs="+", choices=tuple(KNOBS), default=list(KNOBS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--knob_index", type=int, nargs="+", choices=(0, 1, 2), default=None,
                         help="only these values of each knob (0: the lowest)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: SD3 150, pixel 1000)")
     parser.add_argument("--level", type=float, default=0.9, help="training reward level of the queries column")
-    parser.add_argument("--num_eval", type=int, default=500, help="evaluation samples per SD3 run")
     parser.add_argument("--pixel_eval", type=int, default=1000, help="evaluation samples per pixel run")
-    parser.add_argument("--eval_seed", type=int, default=1234)
     parser.add_argument("--eval_steps", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--work_dir", default=None, help="run folders (default: a temp dir); rerun to resume")
     parser.add_argument("--report_only", action="store_true", help="the table and plots of the finished runs only")
     parser.add_argument("--docs", action="store_true", help="PNGs into docs/img and a section of docs/results.md")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one job file
     args = parser.parse_args(argv)
     if args.one:
         return run_job_file(args.one, run_one)
+    args.overrides = parse_overrides(parser, args.set, (*sd3.PER_RUN_KEYS, *{knob for knob, _ in KNOBS.values()}),
+                                     args.objectives)
 
     from orw_diffusers import digits
     from orw_diffusers.digits.pixel import PIXEL_BASE_NAME, PixelBuildSettings, build_pixel_base, ensure_pixel_base
@@ -263,6 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.knob_index = args.knob_index or [1]
     if args.rounds:  # a shorter (or longer) budget, the same for every objective
         extra["num_epochs"], hyper = args.rounds, dataclasses.replace(hyper, rounds=args.rounds)
+    extra.update(args.overrides)
     if not args.quick:
         bases = {kind: (digits.ensure_digits_base() if kind == "sd3" else ensure_pixel_base()) for kind in args.bases}
     jobs = plan(args, bases, work, extra, hyper)
@@ -287,14 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n".join(markdown_table(rows)))
     print(f"{len(results)}/{len(jobs)} runs; plots: {', '.join(pngs)}")
     if args.docs:
-        def section(discussion: str) -> str:
-            return "\n".join([BEGIN, "", "## The reward-distance frontier", "", INTRO.format(level=args.level), "",
-                              f"Reproduce: `{command.strip()}`", "",
-                              *markdown_table(rows), "", *[f"![{os.path.basename(p)}](img/{os.path.basename(p)})"
-                                                           for p in pngs], "", "### Discussion (frontier)", "",
-                              discussion.strip(), "", END]) + "\n"  # fmt: skip
-
-        update_results(os.path.join(REPO, "docs", "results.md"), section, BEGIN, END, "### Discussion (frontier)")
+        body = [f"Reproduce: `{command.strip()}`", "", *markdown_table(rows), "", *[f"![{os.path.basename(p)}](img/{os.path.basename(p)})" for p in pngs]]
+        write_section(os.path.join(REPO, "docs", "results.md"), BEGIN, END, "## The reward-distance frontier", body, "### Discussion (frontier)")
     return 0 if len(results) == len(jobs) else 1
 
 

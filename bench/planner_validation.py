@@ -1,18 +1,13 @@
-"""Benchmark 7, memory planner validation: the planner's activation estimates against measured peak
-memory on CPU, for scaled-down SD3 configs of different depth, width and resolution.
-
-Per config, a fresh process builds the real trainer in fp32 and measures the peak-RSS increase of
-(1) one training micro-batch (``optimise`` on one micro-batch: reference forward, forward, backward,
-clipping, AdamW step), (2) one Euler step of the sampling batch (``rollouts.record`` with one step)
-and (3) one VAE decode of it, each after a warm-up call. The planner
-(``orw_diffusers.memory.MemoryPlanner``, reading the saved model directory on the meta device)
-estimates the same three quantities from its traces (training: gradients and the micro-batch's
-prompt embeddings included).
+"""Benchmark 7, memory planner validation: the planner's estimates (``MemoryPlanner``, reading the saved model
+directory on the meta device) against the measured peak-RSS increase on CPU, for scaled-down SD3 configs of
+different depth, width and resolution, in fp32: one training micro-batch (``optimise``: reference forward, forward,
+backward, clipping, AdamW step), one Euler step of the sampling batch (``rollouts.record``) and one VAE decode, each
+after a warm-up.
 
     python -m bench.planner_validation [--quick] [--reps N]
 
-Each measurement runs in a fresh process (``--child NAME``), since the kernel's peak-RSS mark cannot go
-below what earlier work in the process left resident; with --quick they run in this process instead.
+Each measurement runs in a fresh process (``--child NAME``): the kernel's peak-RSS mark cannot go below what
+earlier work in the process left resident. With --quick they run in this process.
 """
 
 from __future__ import annotations
@@ -32,20 +27,13 @@ CONFIGS = {
     "B: 4 layers, hidden 256, 256 px": ModelSpec(layers=4, heads=4, head_dim=64, latent_size=32),
     "C: 8 layers, hidden 384, 384 px": ModelSpec(layers=8, heads=6, head_dim=64, latent_size=48),
 }
-QUICK_CONFIGS = {
-    "quick: 1 layer, hidden 32, 64 px": ModelSpec(
-        layers=1, heads=2, head_dim=16, latent_size=8, vae_blocks=(8, 16, 16, 16), text_hidden=16
-    )
-}
+QUICK_CONFIGS = {"quick: 1 layer, hidden 32, 64 px": ModelSpec(layers=1, heads=2, head_dim=16, latent_size=8,
+                                                                 vae_blocks=(8, 16, 16, 16), text_hidden=16)}
 BATCH = 2
 RANK = 16
 MAX_SEQUENCE_LENGTH = 32
 TARGET = 0.20
 PHASES = ("train", "sample", "decode")
-
-
-def _configs(quick: bool) -> dict[str, ModelSpec]:
-    return QUICK_CONFIGS if quick else CONFIGS
 
 
 def _status_bytes(key: str) -> int:
@@ -103,7 +91,7 @@ def estimate(spec: ModelSpec) -> dict[str, int]:
 
 
 def run(quick: bool = False, reps: int = 3) -> Section:
-    configs = _configs(quick)
+    configs = QUICK_CONFIGS if quick else CONFIGS
     measured: dict[str, list[dict[str, int]]] = {name: [] for name in configs}
     for spec in configs.values():
         saved_pipeline(spec)  # built once, outside the children

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.common import (Section, Stat, Stopwatch, bench_spec, conv_reward, interleaved, ratios, run_main,
+from bench.common import (Section, Stat, Stopwatch, bench_spec, conv_reward, interleaved, model_passes, ratios, run_main,
                           saved_pipeline, timing_notes, trainer_for)  # fmt: skip
 
 TARGET = 0.10
@@ -23,7 +23,6 @@ TARGET = 0.10
 
 def run(quick: bool = False, reps: int = 5) -> Section:
     from orw_diffusers import lora
-    from orw_diffusers.flow import interpolate, target_velocity
 
     spec = bench_spec(quick)
     with tempfile.TemporaryDirectory() as out:
@@ -52,11 +51,8 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         cond_s = family.prompt_cache.get((prompts * sb)[: sb * cfg_factor], trainer.device)
         latents_dec = torch.randn((sb, *trainer.latent_shape), generator=g)
         images = family.decode(latents_dec)
-        x1 = torch.randn((tb, *trainer.latent_shape), generator=g)
-        noise = torch.randn(x1.shape, generator=g)
-        sig_t = torch.rand(tb, generator=g)
-        x_t, v_target = interpolate(x1, noise, sig_t), target_velocity(x1, noise)
-        cond_t = family.prompt_cache.get((prompts * tb)[:tb], trainer.device)
+        train_fwd_bwd, ref_fwd = model_passes(trainer, torch.randn((tb, *trainer.latent_shape), generator=g),
+                                              (prompts * tb)[:tb])  # fmt: skip
 
         def sample_fwd() -> float:
             model.eval()
@@ -67,17 +63,6 @@ def run(quick: bool = False, reps: int = 5) -> Section:
         def decode() -> None:
             with torch.no_grad():
                 family.decode(latents_dec)
-
-        def train_fwd_bwd() -> None:
-            trainer.transformer.train()
-            v = family.predict_velocity(trainer.transformer, x_t, sig_t, cond_t)
-            ((v.float() - v_target) ** 2).mean().backward()
-            trainer.optimizer.zero_grad(set_to_none=True)
-
-        def ref_fwd() -> float:
-            with lora.reference(model), Stopwatch() as sw:
-                family.predict_velocity(model, x_t, sig_t, cond_t)
-            return sw.seconds
 
         parts = {"sample_fwd": sample_fwd, "decode": decode, "reward": lambda: conv_reward(images, prompts[:sb]),
                  "train_fwd_bwd": train_fwd_bwd, "ref_fwd": ref_fwd}  # fmt: skip

@@ -92,12 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cmd = [sys.executable, "-m", f"bench.{name}", "--json", result] + (["--quick"] if args.quick else [])
         print(f"running {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, cwd=REPO, env=child_env(), check=True)  # the memory benchmark sets glibc up in its children
-    sections = {}
-    for name in BENCHMARKS:
-        path = os.path.join(args.results, f"{name}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                sections[name] = json.load(f)
+    paths = {name: os.path.join(args.results, f"{name}.json") for name in BENCHMARKS}
+    sections = {name: json.loads(open(path).read()) for name, path in paths.items() if os.path.isfile(path)}
     with open(args.output, "w") as f:
         f.write(render(sections, machine, args.quick))
     print(f"wrote {args.output}")

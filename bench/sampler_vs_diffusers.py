@@ -1,10 +1,7 @@
-"""Benchmark 4, sampler vs. Diffusers: images per second of our sampler against
-``StableDiffusion3Pipeline.__call__`` on the same pipeline, steps, guidance, resolution and batch.
-
-Ours is what a round does: ``sample_ode`` with embeddings from the ``PromptCache`` (filled once,
-before timing: that saving is counted on our side) and ``family.decode``. Diffusers' call encodes
-the prompts and the negative prompt every time, runs its scheduler loop and post-processes to a
-tensor (``output_type="pt"``). Both start from the same noise, so their images are compared too.
+"""Benchmark 4, sampler vs. Diffusers: images per second of our sampler (``sample_ode`` with ``PromptCache``
+embeddings, filled once before timing, and ``family.decode``: what a round does) against
+``StableDiffusion3Pipeline.__call__`` (which encodes the prompts every time and post-processes to a tensor) on the
+same pipeline, steps, guidance, resolution, batch and noise; the images are compared too.
 
     python -m bench.sampler_vs_diffusers [--quick] [--reps N]
 """

@@ -1,11 +1,8 @@
-"""Benchmark 6, two processes: training samples per second with ``accelerate_configs/cpu_2proc.yaml``
-(two CPU processes with gloo, one thread each) against one process with one thread.
-
-Both run the real training entry point on the same run config (the same global round; the same
-per-process batch sizes, so each of the two processes does half the round). Samples per second
-are taken from ``metrics.jsonl`` over the rounds after the first (start-up and the first round's
-lazy initialisation are left out). This benchmark needs both cores: other load on the machine
-lowers the two-process figure, so the load average is recorded with it.
+"""Benchmark 6, two processes: training samples per second with ``accelerate_configs/cpu_2proc.yaml`` (two CPU
+processes with gloo, one thread each) against one process with one thread, both the real training entry point on
+the same run config (each of the two processes does half the round). Samples per second come from
+``metrics.jsonl`` over the rounds after the first. Other load on the machine lowers the two-process figure, so the
+load average is recorded with it.
 
     python -m bench.two_processes [--quick] [--reps N]
 """

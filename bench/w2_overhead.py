@@ -1,11 +1,7 @@
-"""Benchmark 1, W2 overhead: an optimisation step with ``w2_coefficient > 0`` over the same step with 0.
-
-Both variants are the real ``Trainer.optimise`` on one fixed rollout of two micro-batches. The
-floor is what the method has to pay: ``(fwd + bwd + fwd_ref) / (fwd + bwd)`` with a training forward +
-backward and a no-grad reference forward (adapters disabled) each timed in isolation on the same
-micro-batch. Everything else in the step (noise, optimizer, clipping) is shared and pulls the
-measured ratio *below* the floor, so a ratio above the floor means the reference costs more than a
-forward pass.
+"""Benchmark 1, W2 overhead: ``Trainer.optimise`` with ``w2_coefficient > 0`` over the same step with 0, on one fixed
+rollout of two micro-batches, against the floor the method has to pay: ``(fwd + bwd + fwd_ref) / (fwd + bwd)``, each
+pass timed alone on the same micro-batch. What else the step does (noise, optimizer, clipping) is shared and pulls
+the measured ratio *below* the floor: a ratio above it means the reference costs more than a forward pass.
 
     python -m bench.w2_overhead [--quick] [--reps N]
 """
@@ -14,16 +10,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-
-from bench.common import Section, Stat, Stopwatch, bench_spec, fixed_round, interleaved, ratios, run_main, timing_notes
+from bench.common import (Section, Stat, bench_spec, fixed_round, interleaved, model_passes, ratios, run_main,
+                          timing_notes)  # fmt: skip
 
 TARGET = 0.05  # the measured ratio may exceed the floor by at most 5%
 
 
 def run(quick: bool = False, reps: int = 7) -> Section:
     from orw_diffusers import lora
-    from orw_diffusers.flow import interpolate, target_velocity
 
     spec = bench_spec(quick)
     # 2 prompts x 2 images, micro-batches of 2: optimise() runs 2 micro-batches per call; the conditional
@@ -36,26 +30,7 @@ def run(quick: bool = False, reps: int = 7) -> Section:
             trainer.cfg.w2_coefficient = w2  # optimise() reads it per call; log_w2_distance is off
             rnd.optimise()
 
-        # the same micro-batch through the model, each pass alone
-        model, family = trainer.transformer, trainer.family
-        g = torch.Generator().manual_seed(1)
-        latents = rollout.latents[:2]
-        noise = torch.randn(latents.shape, generator=g).to(latents.dtype)
-        sigmas = torch.rand(2, generator=g)
-        x_t, v_target = interpolate(latents, noise, sigmas), target_velocity(latents, noise)
-        cond = trainer.family.prompt_cache.get(rollout.prompts[:2], trainer.device)
-
-        def forward_backward() -> None:
-            model.train()
-            v_pred = family.predict_velocity(model, x_t, sigmas, cond)
-            ((v_pred.float() - v_target) ** 2).mean().backward()
-            trainer.optimizer.zero_grad(set_to_none=True)
-
-        def reference_forward() -> float:
-            # only the forward is the floor's: switching the adapters off and on is our code's cost
-            with lora.reference(trainer.unwrapped), Stopwatch() as sw:
-                family.predict_velocity(trainer.unwrapped, x_t, sigmas, cond)
-            return sw.seconds
+        forward_backward, reference_forward = model_passes(trainer, rollout.latents[:2], rollout.prompts[:2])
 
         def toggle_adapters() -> None:  # what lora.reference costs besides the forward
             with lora.reference(trainer.unwrapped):
@@ -92,16 +67,12 @@ def run(quick: bool = False, reps: int = 7) -> Section:
         *timing_notes(),
     ]
     toggle_share = Stat(times["toggle"]).median / Stat(times["ref"]).median
-    notes.append(
-        f"Besides the forward, the reference pass pays lora.reference: it switches the model's peft layers (found "
-        f"once and cached) off and on, and peft flips requires_grad on their LoRA parameters, {toggle_share:.1%} of a "
-        f"reference forward here, more on a deeper model (SD3.5-Medium has 191 LoRA layers among 3524 modules; "
-        f"toggling only those costs about half of diffusers' disable_adapters/enable_adapters, which walk them all)."
-    )
+    notes.append(f"Besides the forward, the reference pass pays lora.reference: it switches the model's peft layers off "
+                 f"and on (peft flips requires_grad on their LoRA parameters), {toggle_share:.1%} of a reference forward "
+                 "here, more on a deeper model (SD3.5-Medium: 191 LoRA layers among 3524 modules).")  # fmt: skip
     if not met:
-        notes.append(f"Target missed: the W2 step costs {extra.median:.2f} reference forwards instead of 1. The toggling "
-                     f"above explains {toggle_share:.1%} of a forward; the rest is within the spread of this shared "
-                     "machine.")  # fmt: skip
+        notes.append(f"Target missed: the W2 step costs {extra.median:.2f} reference forwards instead of 1, of which the "
+                     f"toggling explains {toggle_share:.1%} of one; the rest is within this shared machine's spread.")
     return Section("W2 overhead (optimisation step)", "python -m bench.w2_overhead", table, notes,
                    {"step_ratio": step_ratio.median, "floor": floor.median, "excess": excess.median, "met": met,
                     "extra_per_ref_forward": extra.median})  # fmt: skip

@@ -12,12 +12,11 @@ from conftest import REPO
 sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root, run as ``python -m bench.x``
 
 IN_PROCESS = [
-    "w2_overhead",
-    "round_efficiency",
-    "sampler_vs_diffusers",
-    "planner_validation",
-    "digits_pixel_sweep",
-    "digits_pixel_cfg",
+    ("w2_overhead",),
+    ("round_efficiency",),
+    ("sampler_vs_diffusers",),
+    ("planner_validation",),
+    ("digits_pixel_sweep",),
 ]
 
 
@@ -41,10 +40,22 @@ def _run(name: str, tmp_path, *extra: str) -> dict:
     return section
 
 
-@pytest.mark.parametrize("name", IN_PROCESS)
-def test_benchmark_runs(name, tmp_path):
-    section = _run(name, tmp_path)
+@pytest.mark.parametrize("name_and_options", IN_PROCESS, ids=" ".join)
+def test_benchmark_runs(name_and_options, tmp_path):
+    section = _run(*name_and_options[:1], tmp_path, *name_and_options[1:])
     assert section["results"]
+
+
+def test_pixel_sweep_cfg_measures_the_sampled_field(tmp_path):
+    """--cfg: three arms per alpha on the class-conditional base, each with the sampled-field gap, in its section."""
+    section = _run("digits_pixel_sweep", tmp_path, "--cfg", "--work_dir", str(tmp_path / "work"))
+    assert [row[0] for row in section["table"][1:]] == ["base, guidance 1", "base, guidance 2", "guidance 1, alpha = 0",
+                                                       "guidance 2, guided loss, alpha = 0",
+                                                       "guidance 2, conditional loss, alpha = 0"]  # fmt: skip
+    assert "sampled-field gap" in section["table"][0]
+    text = (tmp_path / "work" / "results.md").read_text()
+    reproduce = next(line for line in text.splitlines() if line.startswith("Reproduce: "))
+    assert "## The class-conditional pixel base" in text and "bench.digits_pixel_sweep" in reproduce and "--cfg" in reproduce
 
 
 def test_two_processes_report_without_launching(monkeypatch):
@@ -120,3 +131,18 @@ def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_pa
     assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps  # nothing trained again
     assert frontier.main([*argv, "--report_only", "--knob_index", "0", "1"]) == 1  # knob value 0 never ran
     assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps
+
+
+def test_frontier_slice_on_the_sd3_base_with_a_setting(tmp_path):
+    """The objective comparison's slices: the SD3 base, odd digits, one objective with a training setting changed."""
+    frontier = importlib.import_module("bench.frontier")
+    work = tmp_path / "work"
+    argv = ["--quick", "--bases", "sd3", "--targets", "odd", "--objectives", "flow_grpo", "--set", "kl_type=exact"]
+    assert frontier.main([*argv, "--work_dir", str(work)]) == 0
+    run = work / "sd3-odd-flow_grpo-kl_beta0.04-s0"
+    assert "kl_type: exact" in (run / "config.yaml").read_text()
+    assert json.loads((run / "sweep_result.json").read_text())["frontier"]["target"] == "odd"
+    for bad in ("kl_beta=1", "kl_typ=exact"):  # a knob the bench sets, an unknown key: argparse errors, before any run
+        with pytest.raises(SystemExit) as exit_info:
+            frontier.main([*argv[:-1], bad])
+        assert exit_info.value.code == 2
