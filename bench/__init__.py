@@ -1,5 +1,5 @@
-"""Benchmarks (``bench/common.py``, docs/benchmarks.md) and the digits studies (``bench/sweep.py``, docs/results.md),
-run from the repository root as ``python -m bench.<name>``. What both kinds share is here."""
+"""The timing benchmarks behind docs/benchmarks.md (``bench/common.py``), run from the repository root as
+``python -m bench.<name>``; the digits studies in ``experiments/`` share ``REPO`` and ``markdown_table`` from here."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Every benchmark script runs (``--quick``: a tiny model, one repetition). No timing is asserted:
+"""Every benchmark and digits study runs (``--quick``: a tiny model, one repetition). No timing is asserted:
 the figures live in docs/benchmarks.md, written by ``python -m bench.run_all``."""
 
 import importlib
@@ -9,14 +9,14 @@ import sys
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, REPO)  # bench/ is a folder of scripts at the repository root, run as ``python -m bench.x``
+sys.path.insert(0, REPO)  # bench/ and experiments/ are folders of scripts at the repository root (python -m bench.x)
 
 IN_PROCESS = [
     ("w2_overhead",),
     ("round_efficiency",),
     ("sampler_vs_diffusers",),
     ("planner_validation",),
-    ("digits_pixel_sweep",),
+    ("experiments.digits_pixel_sweep",),
 ]
 
 
@@ -30,11 +30,12 @@ def fresh_model_cache(tmp_path_factory):
 
 
 def _run(name: str, tmp_path, *extra: str) -> dict:
-    module = importlib.import_module(f"bench.{name}")
-    out = tmp_path / f"{name}.json"
+    name = name if "." in name else f"bench.{name}"  # the digits studies are in experiments/
+    module = importlib.import_module(name)
+    out = tmp_path / f"{name.rsplit('.', 1)[-1]}.json"
     assert module.main(["--quick", "--json", str(out), *extra]) == 0
     section = json.loads(out.read_text())
-    assert section["command"] == f"python -m bench.{name}"
+    assert section["command"] == f"python -m {name}"
     header, *rows = section["table"]
     assert rows and all(len(row) == len(header) for row in rows)
     return section
@@ -48,14 +49,14 @@ def test_benchmark_runs(name_and_options, tmp_path):
 
 def test_pixel_sweep_cfg_measures_the_sampled_field(tmp_path):
     """--cfg: three arms per alpha on the class-conditional base, each with the sampled-field gap, in its section."""
-    section = _run("digits_pixel_sweep", tmp_path, "--cfg", "--work_dir", str(tmp_path / "work"))
+    section = _run("experiments.digits_pixel_sweep", tmp_path, "--cfg", "--work_dir", str(tmp_path / "work"))
     assert [row[0] for row in section["table"][1:]] == ["base, guidance 1", "base, guidance 2", "guidance 1, alpha = 0",
                                                        "guidance 2, guided loss, alpha = 0",
                                                        "guidance 2, conditional loss, alpha = 0"]  # fmt: skip
     assert "sampled-field gap" in section["table"][0]
     text = (tmp_path / "work" / "results.md").read_text()
     reproduce = next(line for line in text.splitlines() if line.startswith("Reproduce: "))
-    assert "## The class-conditional pixel base" in text and "bench.digits_pixel_sweep" in reproduce and "--cfg" in reproduce
+    assert "## The class-conditional pixel base" in text and "experiments.digits_pixel_sweep" in reproduce and "--cfg" in reproduce
 
 
 def test_two_processes_report_without_launching(monkeypatch):
@@ -97,7 +98,7 @@ def test_run_all_renders_the_summary():
 
 def test_pixel_sweep_with_a_w2_budget_and_a_judge(tmp_path):
     """--w2_target and --eval_reward reach the runs (their metrics) and the report's own section."""
-    section = _run("digits_pixel_sweep", tmp_path, "--w2_target", "0.5", "--eval_reward", "digit_judge_even",
+    section = _run("experiments.digits_pixel_sweep", tmp_path, "--w2_target", "0.5", "--eval_reward", "digit_judge_even",
                    "--no_control", "--work_dir", str(tmp_path / "work"))  # fmt: skip
     header = section["table"][0]
     assert "w2_target" in header and "alarm (first round)" in header
@@ -112,7 +113,7 @@ def test_pixel_sweep_with_a_w2_budget_and_a_judge(tmp_path):
 def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_path):
     """The frontier's plumbing on one base and target (the SD3 base's runner is the alpha sweep's, tested with it):
     each objective trains through ORWCFMTrainer, its result holds what the table needs, and a rerun reuses it."""
-    frontier = importlib.import_module("bench.frontier")
+    frontier = importlib.import_module("experiments.frontier")
     work = tmp_path / "work"
     argv = ["--quick", "--bases", "pixel", "--targets", "three", "--work_dir", str(work)]
     assert frontier.main(argv) == 0
@@ -135,7 +136,7 @@ def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_pa
 
 def test_frontier_slice_on_the_sd3_base_with_a_setting(tmp_path):
     """The objective comparison's slices: the SD3 base, odd digits, one objective with a training setting changed."""
-    frontier = importlib.import_module("bench.frontier")
+    frontier = importlib.import_module("experiments.frontier")
     work = tmp_path / "work"
     argv = ["--quick", "--bases", "sd3", "--targets", "odd", "--objectives", "flow_grpo", "--set", "kl_type=exact"]
     assert frontier.main([*argv, "--work_dir", str(work)]) == 0

@@ -65,7 +65,7 @@ def test_one_round_through_the_train_script(mini_base, one_round):
 
 
 def test_alpha_sweep_quick(mini_base, tmp_path):
-    from bench import digits_alpha_sweep
+    from experiments import digits_alpha_sweep
 
     docs = os.path.join(REPO, "docs", "results.md")
     before = open(docs).read()

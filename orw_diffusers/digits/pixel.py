@@ -1,5 +1,5 @@
 """The pixel digits base: a velocity MLP on the raw 8x8 digits, in torchcfm's convention, for the paper's
-"only even digits" experiment with full fine-tuning (``ORWCFMTrainer``, ``bench/digits_pixel_sweep.py``).
+"only even digits" experiment with full fine-tuning (``ORWCFMTrainer``, ``experiments/digits_pixel_sweep.py``).
 
 No VAE and no text encoder: a sample is the 8x8 grey image itself, scaled to [-1, 1] (torchcfm's
 ``data_range``). ``model(t, x)`` with ``t = 0`` noise, ``t = 1`` data. Built once into the cache::

@@ -1,7 +1,7 @@
 """The W2 coefficient (alpha) sweep of the digits demo: reward vs diversity vs distance to the base.
 
-    python -m bench.digits_alpha_sweep            # the full sweep, 3 seeds (~37 min on 2 CPU cores), writes docs/results.md
-    python -m bench.digits_alpha_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
+    python -m experiments.digits_alpha_sweep            # the full sweep, 3 seeds (~37 min on 2 CPU cores), writes docs/results.md
+    python -m experiments.digits_alpha_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
 
 Each run is the training entry point (``orw_diffusers.train``) on ``configs/digits_even.yaml`` with overrides (a
 fresh process per run, ``--jobs`` at a time), then 500 samples of the fine-tuned pipeline through plain
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from bench import REPO, markdown_table
-from bench.sweep import (alpha_checks, alpha_means, by_group, field_distance, finish_run, histogram_text,
+from experiments.sweep import (alpha_checks, alpha_means, by_group, field_distance, finish_run, histogram_text,
                          mini_digits_base, parse_overrides, run_child_jobs, run_job_file, study_parser, target_stats,
                          write_group_grids,
                          write_section)  # fmt: skip
@@ -36,7 +36,7 @@ TARGET_DIGITS = {"even": [0, 2, 4, 6, 8], "odd": [1, 3, 5, 7, 9], "three": [1, 4
 GRID_SAMPLES = 48
 PER_RUN_KEYS = ("pretrained_model_name_or_path", "output_dir", "seed", "w2_coefficient", "log_w2_distance",
                 "weight_normalization", "reward")  # train_argv sets these for each run; --set may not
-BEGIN = "<!-- digits_alpha_sweep: begin (written by python -m bench.digits_alpha_sweep) -->"
+BEGIN = "<!-- digits_alpha_sweep: begin (written by python -m experiments.digits_alpha_sweep) -->"
 END = "<!-- digits_alpha_sweep: end -->"
 TITLE = "# Digits demo: results of the alpha sweep"
 
@@ -208,11 +208,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = plan_runs(args.alphas, args.seeds, args.control_seeds, float(config["w2_coefficient"]))
     print(f"{len(runs)} runs, {args.jobs} at a time, in {work}", flush=True)
     jobs = [job_for(spec, args, base, work, extra) for spec in runs]
-    results = run_child_jobs(jobs, "bench.digits_alpha_sweep", args.jobs, {"HF_HUB_OFFLINE": "1"}, summary_line)
+    results = run_child_jobs(jobs, "experiments.digits_alpha_sweep", args.jobs, {"HF_HUB_OFFLINE": "1"}, summary_line)
     base_images = digits.generate_digits(digits.load_digits_pipeline(base), [digits.GENERIC_PROMPT] * args.num_eval,
                                          seed=args.eval_seed, num_inference_steps=args.eval_steps)  # fmt: skip
     base_report = digits.evaluate_images(base_images)
-    command = ("python -m bench.digits_alpha_sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python -m experiments.digits_alpha_sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     with open(os.path.join(work, "sweep_results.json"), "w") as f:
         json.dump({"results": results, "base": base_report, "config": config, "num_eval": args.num_eval,
                    "eval_steps": args.eval_steps, "eval_seed": args.eval_seed, "command": command}, f)  # fmt: skip

@@ -2,7 +2,7 @@
 child processes, each run's result files, the SVC's figures and the sections of docs/results.md.
 
 A run is a job file (a dict with ``spec.name``, ``spec.group``, ``out_dir`` and what the run needs): the parent
-writes it, ``python -m bench.<study> --one <out_dir>/job.json`` runs it and leaves ``<out_dir>/sweep_result.json``
+writes it, ``python -m experiments.<study> --one <out_dir>/job.json`` runs it and leaves ``<out_dir>/sweep_result.json``
 and ``<out_dir>/eval_grid.pt`` (``finish_run``).
 """
 
@@ -93,7 +93,7 @@ def study_parser(module: str, doc: str, quick: str, seeds: list[int], num_eval: 
                  ) -> argparse.ArgumentParser:  # fmt: skip
     """The options every digits study takes: --quick (``quick``: what it runs), --seeds, the evaluation, the processes,
     the run folders, and --set (``set_help``: an example; "": none)."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{module}", description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"plumbing only: {quick}")
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--num_eval", type=int, default=num_eval, help="evaluation samples per run")

@@ -1,17 +1,17 @@
 """The reward-distance frontier of ORW-CFM-W2, Flow-GRPO and DiffusionNFT: each objective swept over its distance
 knob, on the SD3 digits base (LoRA) and the pixel base (full fine-tuning), two targets, 3 seeds.
 
-    python -m bench.frontier --work_dir /tmp/frontier            # the whole table (resumable: rerun to continue)
-    python -m bench.frontier --quick                             # plumbing only: mini bases, 2 rounds, 1 seed
-    python -m bench.frontier --bases sd3 --targets even --seeds 0 --knob_index 1 2 --work_dir /tmp/fr-slice
-    python -m bench.frontier --bases sd3 --targets even odd --seeds 0 --knob_index 1 --objectives flow_grpo \
+    python -m experiments.frontier --work_dir /tmp/frontier            # the whole table (resumable: rerun to continue)
+    python -m experiments.frontier --quick                             # plumbing only: mini bases, 2 rounds, 1 seed
+    python -m experiments.frontier --bases sd3 --targets even --seeds 0 --knob_index 1 2 --work_dir /tmp/fr-slice
+    python -m experiments.frontier --bases sd3 --targets even odd --seeds 0 --knob_index 1 --objectives flow_grpo \
         --set kl_type=exact --work_dir /tmp/cmp_exact      # a training setting changed for every run
 
-The runs are the studies' runners: ``bench.digits_alpha_sweep`` (the training script on each objective's digits
-config) and ``bench.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set), so every objective spends the
+The runs are the studies' runners: ``experiments.digits_alpha_sweep`` (the training script on each objective's digits
+config) and ``experiments.digits_pixel_sweep`` (``ORWCFMTrainer`` with ``objective`` set), so every objective spends the
 same reward queries on a base; each is judged by the SVC the training never sees. A run whose folder holds its
 result is not run again. The columns are described in docs/results.md ("The reward-distance frontier"); W2 is the
-estimator each objective logs (``bench.sweep.DISTANCE_KEYS``), passes / round counts the transformer's (or pixel
+estimator each objective logs (``experiments.sweep.DISTANCE_KEYS``), passes / round counts the transformer's (or pixel
 MLP's) forward calls per round while training (CFG's two branches are one call; backward passes are not counted).
 """
 
@@ -28,9 +28,9 @@ import tempfile
 from typing import Any, Optional
 
 from bench import REPO, markdown_table
-from bench import digits_alpha_sweep as sd3
-from bench import digits_pixel_sweep as pixel
-from bench.sweep import (finished_result, mean_spread, mini_digits_base, parse_overrides, run_child_jobs, run_job_file,
+from experiments import digits_alpha_sweep as sd3
+from experiments import digits_pixel_sweep as pixel
+from experiments.sweep import (finished_result, mean_spread, mini_digits_base, parse_overrides, run_child_jobs, run_job_file,
                          study_parser, target_stats, write_section)  # fmt: skip
 
 #: each objective's distance knob and its values. DiffusionNFT: kl_beta, its only term tied to the base; the
@@ -41,15 +41,15 @@ KNOBS = {"orw_cfm_w2": ("w2_coefficient", (0.03, 0.1, 0.3)), "flow_grpo": ("kl_b
          "diffusion_nft": ("kl_beta", (1e-4, 1e-2, 1.0))}  # fmt: skip
 TARGETS = ("even", "three")  # the default of sd3.TARGET_DIGITS: even digits, and {1, 4, 7}
 BASES = ("sd3", "pixel")
-#: seconds per round measured by this bench on 2 shared cores (SD3: 2 runs at a time, docs/results.md; pixel: 128
-#: samples a round, one run beside another; --rounds 20)
+#: seconds per round measured by this study on 2 shared cores, 2 runs at a time (the "s / round" column of
+#: docs/results.md's frontier: SD3 and pixel, even digits, seed 0; pixel: the mean over the knob's three values)
 SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("sd3", "diffusion_nft"): 3.54,
-                     ("pixel", "orw_cfm_w2"): 0.14, ("pixel", "flow_grpo"): 0.41, ("pixel", "diffusion_nft"): 0.92}
+                     ("pixel", "orw_cfm_w2"): 0.14, ("pixel", "flow_grpo"): 0.33, ("pixel", "diffusion_nft"): 0.25}
 #: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps; DiffusionNFT
 #: trains as many of the grid's 20 timesteps per sample (int(20 * 0.2) = 4), so both spend 4 trained passes a sample
 PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}, "diffusion_nft": {"nft_timestep_fraction": 0.2}}
 MODEL_CLASSES = ("SD3Transformer2DModel", "PixelVelocityMLP")  # the transformer passes counted per round
-BEGIN, END = "<!-- frontier: begin (written by python -m bench.frontier --docs) -->", "<!-- frontier: end -->"
+BEGIN, END = "<!-- frontier: begin (written by python -m experiments.frontier --docs) -->", "<!-- frontier: end -->"
 
 
 def plan(args: argparse.Namespace, bases: dict[str, str], work: str, extra: dict, hyper: Any) -> list[dict]:
@@ -254,10 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.report_only:
         results = [r for r in map(finished_result, jobs) if r is not None]
     else:
-        results = run_child_jobs(jobs, "bench.frontier", args.jobs, env, summary, resume=True)
+        results = run_child_jobs(jobs, "experiments.frontier", args.jobs, env, summary, resume=True)
     groups = groups_of(jobs, results)
     rows = table(groups, args.level)
-    command = "python -m bench.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     img_dir = os.path.join(REPO, "docs", "img") if args.docs else work
     pngs = plot(groups, img_dir)
     print(command.strip())

@@ -1,10 +1,10 @@
 """The paper's first experiment on the pixel digits base: full fine-tuning towards even digits, over alpha.
 
-    python -m bench.digits_pixel_sweep            # 5 alphas + the reward-free control, 2 seeds, 2 runs at a time
-    python -m bench.digits_pixel_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
-    python -m bench.digits_pixel_sweep --alphas 0 0.1 --no_control --w2_target 0.05 0.15 0.5 \
+    python -m experiments.digits_pixel_sweep            # 5 alphas + the reward-free control, 2 seeds, 2 runs at a time
+    python -m experiments.digits_pixel_sweep --quick    # plumbing only: the mini base, 2 rounds per run, into a temp dir
+    python -m experiments.digits_pixel_sweep --alphas 0 0.1 --no_control --w2_target 0.05 0.15 0.5 \
         --eval_reward digit_judge_even            # a W2 budget per target, and the held-out judge's alarm
-    python -m bench.digits_pixel_sweep --cfg      # the class-conditional base at guidance 1 and 2
+    python -m experiments.digits_pixel_sweep --cfg      # the class-conditional base at guidance 1 and 2
 
 Each run is ``ORWCFMTrainer`` (the authors' API on our loop) on a fresh copy of the pixel base, reward P(even)
 under the base's CNN, ``log_w2_distance: true``; then 1000 samples of the fine-tuned weights judged by the SVC of
@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from bench import REPO, markdown_table
-from bench.sweep import (alpha_checks, alpha_means, by_group, check, field_distance, finish_run, histogram_text,
+from experiments.sweep import (alpha_checks, alpha_means, by_group, check, field_distance, finish_run, histogram_text,
                          mean_spread, run_child_jobs, run_job_file, study_parser, target_stats, write_group_grids,
                          write_section)  # fmt: skip
 
@@ -42,14 +42,14 @@ W2_TARGET_FACTOR = 1.5  # a W2 budget is met when the final W2 is within this fa
 GUIDANCE = 2.0  # --cfg: the guided arms' guidance
 #: each mode's section of docs/results.md: markers, heading, and the heading of its hand-written discussion
 SECTIONS = {
-    "sweep": ("<!-- digits_pixel_sweep: begin (written by python -m bench.digits_pixel_sweep) -->",
+    "sweep": ("<!-- digits_pixel_sweep: begin (written by python -m experiments.digits_pixel_sweep) -->",
               "<!-- digits_pixel_sweep: end -->",
               "## The paper's experiment on the pixel base: only even digits, full fine-tuning",
               "### Discussion (pixel base)"),
-    "guard": ("<!-- digits_pixel_sweep guard: begin (written by python -m bench.digits_pixel_sweep --w2_target/--eval_reward) -->",
+    "guard": ("<!-- digits_pixel_sweep guard: begin (written by python -m experiments.digits_pixel_sweep --w2_target/--eval_reward) -->",
               "<!-- digits_pixel_sweep guard: end -->",
               "## Staying close on the pixel base: a W2 budget and a held-out judge", "### Discussion (staying close)"),
-    "cfg": ("<!-- digits_pixel_sweep cfg: begin (written by python -m bench.digits_pixel_sweep --cfg) -->",
+    "cfg": ("<!-- digits_pixel_sweep cfg: begin (written by python -m experiments.digits_pixel_sweep --cfg) -->",
             "<!-- digits_pixel_sweep cfg: end -->", "## The class-conditional pixel base under classifier-free guidance",
             "### Discussion (class-conditional pixel base)"),
 }  # fmt: skip
@@ -57,7 +57,7 @@ SECTIONS = {
 
 @dataclass(frozen=True)
 class Hyper:
-    """Every run's fine-tuning settings (the bench's defaults are the tuned ones, docs/results.md)."""
+    """Every run's fine-tuning settings (the study's defaults are the tuned ones, docs/results.md)."""
 
     rounds: int = 1000  # original "steps": rounds of batch_size samples, one optimizer step each
     batch_size: int = 128
@@ -210,7 +210,7 @@ def job_for(spec: Any, args: argparse.Namespace, hyper: Hyper, base: str, work: 
 
 
 def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: str, work: str) -> list[dict]:
-    """``--jobs 1``: each run in this process, one after another; more: ``python -m bench.digits_pixel_sweep --one
+    """``--jobs 1``: each run in this process, one after another; more: ``python -m experiments.digits_pixel_sweep --one
     job`` in that many child processes at a time. Results in the order of ``runs``."""
     jobs = [job_for(spec, args, hyper, base, work) for spec in runs]
     if args.jobs == 1:
@@ -219,7 +219,7 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, hyper: Hyper, base: s
             results.append(run_one(job))
             print(f"{job['spec']['name']}: {summary_line(results[-1])}", flush=True)
         return results
-    results = run_child_jobs(jobs, "bench.digits_pixel_sweep", args.jobs, {"OMP_NUM_THREADS": str(args.threads)},
+    results = run_child_jobs(jobs, "experiments.digits_pixel_sweep", args.jobs, {"OMP_NUM_THREADS": str(args.threads)},
                              summary_line)  # fmt: skip
     order = [spec.name for spec in runs]
     return sorted(results, key=lambda r: order.index(r["spec"]["name"]))
@@ -391,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.output = os.path.join(work, "results.md")
     base = args.base or ensure_pixel_base(conditional=args.cfg)
     start = time.perf_counter()
-    command = ("python -m bench.digits_pixel_sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python -m experiments.digits_pixel_sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.cfg:
         runs = plan_cfg_runs(alphas, args.seeds)
     else:
@@ -444,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"results: {work}/sweep_results.json")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"title": SECTIONS[mode][2].lstrip("# "), "command": "python -m bench.digits_pixel_sweep", "table": rows,
+            json.dump({"title": SECTIONS[mode][2].lstrip("# "), "command": "python -m experiments.digits_pixel_sweep", "table": rows,
                        "notes": targets, "results": headline}, f, indent=1)  # fmt: skip
     return 0 if len(results) == len(runs) else 1
 
