@@ -2,7 +2,7 @@
 
 Two vocabularies: Accelerate's ``mixed_precision`` ('no', 'fp16', 'bf16': the frozen weights' dtype) and
 torch's dtype names ('float32', 'float16', 'bfloat16': ``reward_dtype``, ``evaluate --dtype``).
-torch is imported only when a dtype is asked for, so the config's validation stays light.
+torch is imported only when a dtype is asked for, so importing this module stays light.
 """
 
 from __future__ import annotations

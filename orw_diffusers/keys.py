@@ -1,6 +1,6 @@
 """How a part of the package declares its run-config keys: a small dataclass of ``key_field(...)`` fields next to
-its code (``objectives/orw.py``'s ``Keys``, ``policies/lora.py``'s, ``hub.py``'s, ...). ``config.py``
-composes the flat ``TrainConfig`` from these blocks; this module imports nothing of the package but its
+its code (``objectives/orw.py``'s ``ORWKeys``, ``policies/lora.py``'s ``LoRAKeys``, ``hub.py``'s ``HubKeys``, ...).
+``config.py`` composes the flat ``TrainConfig`` from these blocks; this module imports nothing of the package but its
 errors, so a part can declare its keys without importing ``config.py``.
 """
 
@@ -28,7 +28,7 @@ def key_field(
 
 @dataclass(frozen=True)
 class KeyBlock:
-    """A part's keys as the run config lists them: ``keys`` is the part's dataclass of ``key`` fields."""
+    """A part's keys as the run config lists them: ``keys`` is the part's dataclass of ``key_field`` fields."""
 
     title: str
     keys: type
