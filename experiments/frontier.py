@@ -256,6 +256,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         results = run_child_jobs(jobs, "experiments.frontier", args.jobs, env, summary, resume=True)
     groups = groups_of(jobs, results)
+    if args.report_only:  # a report of what ran: the planned points without a finished run are left out
+        unrun = [k for k, rs in groups.items() if not rs]
+        groups = {k: rs for k, rs in groups.items() if rs}
+        if unrun:
+            print(f"{len(unrun)} planned points have no finished run in {work}; left out of the report", flush=True)
     rows = table(groups, args.level)
     command = "python -m experiments.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     img_dir = os.path.join(REPO, "docs", "img") if args.docs else work

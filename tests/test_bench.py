@@ -110,7 +110,7 @@ def test_pixel_sweep_with_a_w2_budget_and_a_judge(tmp_path):
     assert "## Staying close on the pixel base" in text and "## The paper's experiment on the pixel base" not in text
 
 
-def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_path):
+def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_path, capsys):
     """The frontier's plumbing on one base and target (the SD3 base's runner is the alpha sweep's, tested with it):
     each objective trains through ORWCFMTrainer, its result holds what the table needs, and a rerun reuses it."""
     frontier = importlib.import_module("experiments.frontier")
@@ -130,8 +130,12 @@ def test_frontier_runs_the_three_objectives_on_the_pixel_base_and_resumes(tmp_pa
     stamps = [(d / "sweep_result.json").stat().st_mtime_ns for d in runs]
     assert frontier.main(argv) == 0
     assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps  # nothing trained again
+    capsys.readouterr()
     assert frontier.main([*argv, "--report_only", "--knob_index", "0", "1"]) == 1  # knob value 0 never ran
     assert [(d / "sweep_result.json").stat().st_mtime_ns for d in runs] == stamps
+    out = capsys.readouterr().out  # the report shows what ran: knob value 0 is named as left out, not as a row
+    assert "3 planned points have no finished run" in out and "not finished" not in out
+    assert sum(line.startswith("| pixel | three |") for line in out.splitlines()) == 3
 
 
 def test_frontier_slice_on_the_sd3_base_with_a_setting(tmp_path):
