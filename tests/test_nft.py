@@ -250,6 +250,21 @@ def test_a_fresh_adapter_with_a_refreshed_sampler_gives_v_plus_equal_v_minus_equ
     assert all(sorted(row.tolist()) == [0, 1, 2, 3] for row in order) and len({tuple(r) for r in order.tolist()}) > 1
 
 
+def test_without_negatives_the_samples_below_their_group_mean_get_r_one_half(tiny_sd3_path, tmp_path):
+    """nft_negatives: false keeps the signed r of the samples above their group's mean and gives the rest 0.5,
+    which at v = v_old puts no gradient on them (the test above: the gradient is scale (1 - 2r) times ...)."""
+    from orw_diffusers.objectives import build_objective
+
+    rewards, groups = torch.tensor([0.1, 0.4, 0.9, 0.2, 0.6, 0.8]), torch.tensor([0, 0, 0, 1, 1, 1])
+    signed = build_objective(TrainConfig(**_nft_values(tiny_sd3_path, tmp_path))).signal(rewards, groups).values
+    positive = build_objective(TrainConfig(**_nft_values(tiny_sd3_path, tmp_path, nft_negatives=False)))
+    r = positive.signal(rewards, groups).values
+    above = signed > 0.5
+    assert above.any() and (~above).any()
+    torch.testing.assert_close(r[above], signed[above])
+    assert torch.all(r[~above] == 0.5)
+
+
 def test_the_sampler_follows_by_the_decay_schedule(tiny_sd3_path, tmp_path):
     from orw_diffusers.objectives import build_objective
 

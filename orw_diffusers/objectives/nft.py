@@ -52,6 +52,12 @@ class NFTKeys:
     )
     sampler_decay_max: float = key_field("The largest eta of the sampler's soft update, in [0, 1).", 0.5)
     sampler_decay_start: int = key_field("Optimizer steps before the sampler's soft update keeps any of the old.", 0)
+    nft_negatives: bool = key_field(
+        "true (the paper): a sample below its group's mean gets r < 0.5 and is pushed away (the negative policy). "
+        "false: its advantage is taken as 0 (r = 0.5, no pull either way), so only the samples above the mean train; "
+        "an ablation of what the negative samples add.",
+        True,
+    )
 
 
 class DiffusionNFT(Objective):
@@ -108,6 +114,8 @@ class DiffusionNFT(Objective):
         # Their PerPromptStatTracker: (r - group mean) / (std + 1e-4), global std by default; a group without
         # spread gets A = 0 (r = 0.5) and stays in the batch (their code filters nothing).
         advantages, keep = group_advantages(rewards, group_ids, self.cfg.global_std, self.cfg.adv_clip_max)
+        if not self.cfg.nft_negatives:  # at v = v_old the gradient is -A times the matching gradient: A = 0 is none
+            advantages = advantages.clamp(min=0.0)
         r = optimality_probability(advantages, self.cfg.adv_clip_max)
         metrics = {
             "adv_abs_mean": advantages.abs().mean(), "r_mean": r.mean(),
