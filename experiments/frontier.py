@@ -161,6 +161,19 @@ def table(groups: dict[tuple, list[dict]], level: float) -> list[list[str]]:
     return rows
 
 
+def per_seed_table(groups: dict[tuple, list[dict]]) -> list[list[str]]:
+    """Each point with more than one seed, a column per seed: "P(target) / entropy / rel. conf." (a target that
+    must hold on every seed is read off here, not off the means)."""
+    multi = {k: rs for k, rs in groups.items() if len(rs) > 1}
+    seeds = sorted({r["spec"]["seed"] for rs in multi.values() for r in rs})
+    rows = [["base", "target", "objective", "knob", *[f"seed {s}" for s in seeds]]] if multi else []
+    for (kind, target, objective, value), rs in multi.items():
+        cells = {r["spec"]["seed"]: "{:.3f} / {:.2f} / {:.2f}".format(*stats(r), r["report"]["relative_confident_share"])
+                 for r in rs}  # fmt: skip
+        rows.append([kind, target, objective, f"{KNOBS[objective][0]} {value:g}", *[cells.get(s, "") for s in seeds]])
+    return rows
+
+
 def mean_and_range(seeds_per_point: list) -> tuple[list[float], list[list[float]]]:
     """Each point's mean over its seeds, and matplotlib's error bars from the lowest seed to the highest."""
     means = [statistics.fmean(values) for values in seeds_per_point]
@@ -261,15 +274,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         groups = {k: rs for k, rs in groups.items() if rs}
         if unrun:
             print(f"{len(unrun)} planned points have no finished run in {work}; left out of the report", flush=True)
-    rows = table(groups, args.level)
+    rows, seed_rows = table(groups, args.level), per_seed_table(groups)
     command = "python -m experiments.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     img_dir = os.path.join(REPO, "docs", "img") if args.docs else work
     pngs = plot(groups, img_dir)
     print(command.strip())
     print("\n".join(markdown_table(rows)))
+    if seed_rows:
+        print("\n".join(["", "Per seed (P(target) / entropy / rel. conf.):", *markdown_table(seed_rows)]))
     print(f"{len(results)}/{len(jobs)} runs; plots: {', '.join(pngs)}")
     if args.docs:
-        body = [f"Reproduce: `{command.strip()}`", "", *markdown_table(rows), "", *[f"![{os.path.basename(p)}](img/{os.path.basename(p)})" for p in pngs]]
+        body = [f"Reproduce: `{command.strip()}`", "", *markdown_table(rows), ""]
+        if seed_rows:
+            body += ["Per seed (P(target) / entropy (ln k) / rel. conf.):", "", *markdown_table(seed_rows), ""]
+        body += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})" for p in pngs]
         write_section(os.path.join(REPO, "docs", "results.md"), BEGIN, END, "## The reward-distance frontier", body, "### Discussion (frontier)")
     return 0 if len(results) == len(jobs) else 1
 

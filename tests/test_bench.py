@@ -151,3 +151,23 @@ def test_frontier_slice_on_the_sd3_base_with_a_setting(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             frontier.main([*argv[:-1], bad])
         assert exit_info.value.code == 2
+
+
+def test_the_frontier_report_has_a_column_per_seed_where_a_point_has_several():
+    """A target that must hold on every seed is read off per seed: each multi-seed point gets "P / H / rel. conf."
+    per seed, a missing seed an empty cell; single-seed points are left out."""
+    frontier = importlib.import_module("experiments.frontier")
+
+    def run(seed: int, histogram: list[float], conf: float) -> dict:
+        return {"spec": {"seed": seed}, "frontier": {"target": "three"},
+                "report": {"histogram": histogram, "relative_confident_share": conf}}  # fmt: skip
+
+    uniform = [0, 1 / 3, 0, 0, 1 / 3, 0, 0, 1 / 3, 0, 0]
+    groups = {("pixel", "three", "flow_grpo", 0.04): [run(0, uniform, 0.9), run(2, [0, 1, 0, 0, 0, 0, 0, 0, 0, 0], 0.5)],
+              ("pixel", "three", "orw_cfm_w2", 0.1): [run(1, uniform, 0.8)],
+              ("pixel", "three", "diffusion_nft", 0.01): [run(1, uniform, 0.7), run(2, uniform, 0.6)]}  # fmt: skip
+    rows = frontier.per_seed_table(groups)
+    assert rows == [["base", "target", "objective", "knob", "seed 0", "seed 1", "seed 2"],
+                    ["pixel", "three", "flow_grpo", "kl_beta 0.04", "1.000 / 1.00 / 0.90", "", "1.000 / 0.00 / 0.50"],
+                    ["pixel", "three", "diffusion_nft", "kl_beta 0.01", "", "1.000 / 1.00 / 0.70", "1.000 / 1.00 / 0.60"]]  # fmt: skip
+    assert frontier.per_seed_table({k: v[:1] for k, v in groups.items()}) == []
