@@ -41,10 +41,10 @@ KNOBS = {"orw_cfm_w2": ("w2_coefficient", (0.03, 0.1, 0.3)), "flow_grpo": ("kl_b
          "diffusion_nft": ("kl_beta", (1e-4, 1e-2, 1.0))}  # fmt: skip
 TARGETS = ("even", "three")  # the default of sd3.TARGET_DIGITS: even digits, and {1, 4, 7}
 BASES = ("sd3", "pixel")
-#: seconds per round measured by this study on 2 shared cores, 2 runs at a time (the "s / round" column of
-#: docs/results.md's frontier: SD3 and pixel, even digits, seed 0; pixel: the mean over the knob's three values)
-SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 2.44, ("sd3", "flow_grpo"): 2.94, ("sd3", "diffusion_nft"): 3.54,
-                     ("pixel", "orw_cfm_w2"): 0.14, ("pixel", "flow_grpo"): 0.33, ("pixel", "diffusion_nft"): 0.25}
+#: seconds per round measured by this study on 2 cores, 2 runs at a time and nothing else running (the means of
+#: the "s / round" column of docs/results.md's frontier over its runs, even digits)
+SECONDS_PER_ROUND = {("sd3", "orw_cfm_w2"): 1.27, ("sd3", "flow_grpo"): 1.86, ("sd3", "diffusion_nft"): 3.46,
+                     ("pixel", "orw_cfm_w2"): 0.075, ("pixel", "flow_grpo"): 0.116, ("pixel", "diffusion_nft"): 0.123}
 #: the pixel base's Flow-GRPO rollouts, as configs/digits_even_grpo.yaml: 4 stochastic trained steps; DiffusionNFT
 #: trains as many of the grid's 20 timesteps per sample (int(20 * 0.2) = 4), so both spend 4 trained passes a sample
 PIXEL_KEYS = {"flow_grpo": {"noise_level": 0.7, "sde_window_size": 4}, "diffusion_nft": {"nft_timestep_fraction": 0.2}}
