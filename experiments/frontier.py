@@ -278,16 +278,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "python -m experiments.frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     img_dir = os.path.join(REPO, "docs", "img") if args.docs else work
     pngs = plot(groups, img_dir)
-    print(command.strip())
-    print("\n".join(markdown_table(rows)))
+    report = [*markdown_table(rows), ""]
     if seed_rows:
-        print("\n".join(["", "Per seed (P(target) / entropy / rel. conf.):", *markdown_table(seed_rows)]))
+        report += ["Per seed (P(target) / entropy (ln k) / rel. conf.):", "", *markdown_table(seed_rows), ""]
+    print(command.strip())
+    print("\n".join(report))
     print(f"{len(results)}/{len(jobs)} runs; plots: {', '.join(pngs)}")
     if args.docs:
-        body = [f"Reproduce: `{command.strip()}`", "", *markdown_table(rows), ""]
-        if seed_rows:
-            body += ["Per seed (P(target) / entropy (ln k) / rel. conf.):", "", *markdown_table(seed_rows), ""]
-        body += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})" for p in pngs]
+        body = [f"Reproduce: `{command.strip()}`", "", *report, *[f"![{os.path.basename(p)}](img/{os.path.basename(p)})" for p in pngs]]
         write_section(os.path.join(REPO, "docs", "results.md"), BEGIN, END, "## The reward-distance frontier", body, "### Discussion (frontier)")
     return 0 if len(results) == len(jobs) else 1
 
